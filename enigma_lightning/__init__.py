@@ -1,0 +1,3 @@
+"""enigma-lightning: ENIGMA (GRPO + SAMI InfoNCE + Sinkhorn OT) on PyTorch Lightning with Hydra."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,33 @@
+"""Command-line conveniences shared by the entry points."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+
+
+def config_options(group: str) -> set[str]:
+    root = importlib.resources.files("enigma_lightning.conf") / group
+    return {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def rewrite_model_override(argv: list[str]) -> list[str]:
+    """``model=<hub id or local folder>`` becomes ``model=hf model.name_or_path=<...>`` when the value is not one of
+    the presets in ``conf/model/`` (``model=Qwen/Qwen2.5-0.5B-Instruct`` just works)."""
+    presets = config_options("model")
+    out = []
+    for arg in argv:
+        if arg.startswith("model=") and "," not in arg:
+            value = arg.split("=", 1)[1]
+            if value and value not in presets:
+                out += ["model=hf", f"model.name_or_path={value}"]
+                continue
+        out.append(arg)
+    return out
+
+
+def offline_defaults() -> None:
+    """No hub round-trips when the user has said there is no hub (HF_HUB_OFFLINE=1 in CI and tests)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

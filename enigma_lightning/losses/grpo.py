@@ -1,0 +1,172 @@
+"""GRPO: group-relative advantages and the clipped surrogate, numerically equal to TRL's ``GRPOTrainer``.
+
+Variant: ENIGMA trains with GRPO using *sequence-level* importance weights (GSPO): the ratio is
+``exp(mean over completion tokens of (logp - old_logp))``, one per completion, so the default here is
+``importance_sampling_level="sequence"`` (TRL's default is ``token``; both are supported). Everything else follows
+TRL 1.x ``GRPOTrainer._compute_loss`` and its advantage computation (``multi_objective_aggregation=
+"sum_then_normalize"``): ``scale_rewards`` group/batch/none with the 1e-4 epsilon, NaN-aware statistics,
+zero advantage for unscorable completions, asymmetric clipping (``epsilon``, ``epsilon_high``), the k3 KL to the
+frozen reference weighted by ``beta`` (times the importance weight when ``kl_bias_correction``, TRL's default),
+and the loss aggregations ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo``. Tests compare against TRL's own code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import StepInputs
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+ADV_EPS = 1e-4
+
+
+def nanstd(x: Tensor, dim: int | None = None) -> Tensor:
+    """Bessel-corrected standard deviation ignoring NaNs (NaN where fewer than two values)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(var, float("nan")))
+    std = torch.sqrt(var * correction)
+    return std.squeeze() if dim is None else std.squeeze(dim)
+
+
+def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str = "group") -> tuple[Tensor, Tensor]:
+    """Group-relative advantages.
+
+    rewards: [N] total reward per completion (NaN = unscorable), consecutive groups of ``num_generations``.
+    Returns ``(advantages [N], std_is_zero [N] bool)``. Unscorable completions get advantage 0.
+    """
+    grouped = rewards.view(-1, num_generations)  # [N/G, G]
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)  # [N]
+    if scale_rewards in ("group", "none"):
+        std = nanstd(grouped, dim=1).repeat_interleave(num_generations)
+    elif scale_rewards == "batch":
+        std = nanstd(rewards).expand_as(rewards)
+    else:
+        raise ValueError(f"grpo.scale_rewards must be one of {SCALE_REWARDS}; got {scale_rewards!r}.")
+    advantages = rewards - mean
+    if scale_rewards != "none":
+        advantages = advantages / (std + ADV_EPS)
+    std_is_zero = torch.isclose(std, torch.zeros_like(std))
+    return torch.nan_to_num(advantages, nan=0.0), std_is_zero
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Tensor | None = None,
+    *,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "sequence",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    kl_bias_correction: bool = True,
+    max_completion_length: int | None = None,
+    num_items_in_batch: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped GRPO surrogate (+ beta * k3 KL). Shapes: logps/old_logps/ref_logps/mask [B, T], advantages [B].
+
+    Returns ``(loss, metrics)`` with ``kl``, ``clip_ratio`` (region), ``clip_ratio_low``, ``clip_ratio_high`` as
+    detached tensors (means over completion tokens, or over completions at sequence level, as TRL logs them).
+    """
+    mask = mask.to(logps.dtype)
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    old_logps = logps.detach() if old_logps is None else old_logps
+    adv = advantages.unsqueeze(1)  # [B, 1]
+    log_ratio = logps - old_logps  # [B, T]
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    elif importance_sampling_level == "sequence":
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
+    else:
+        raise ValueError(f"grpo.importance_sampling_level must be one of {IS_LEVELS}; got {importance_sampling_level!r}")
+    coef_1 = torch.exp(log_w)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)  # [B, T] or [B, 1]
+
+    metrics: dict[str, Tensor] = {}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("grpo.beta != 0 needs reference log-probs")
+        per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1  # k3 estimator, [B, T]
+        if kl_bias_correction:
+            per_token_kl = per_token_kl * coef_1
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = _masked_mean(per_token_kl.detach(), mask)
+
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        length = max_completion_length if max_completion_length is not None else mask.size(1)
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * length)
+    elif loss_type == "dapo":
+        normaliser = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / normaliser.clamp(min=1.0)
+    else:
+        raise ValueError(f"grpo.loss_type must be one of {LOSS_TYPES}; got {loss_type!r}.")
+
+    with torch.no_grad():
+        low = ((coef_1 < 1 - epsilon) & (adv < 0)).to(logps.dtype)
+        high = ((coef_1 > 1 + epsilon_high) & (adv > 0)).to(logps.dtype)
+        metrics["clip_ratio_low"] = _masked_mean(low, mask)
+        metrics["clip_ratio_high"] = _masked_mean(high, mask)
+        metrics["clip_ratio"] = _masked_mean(torch.maximum(low, high), mask)
+    return loss, metrics
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    if x.size(1) == 1:  # sequence level: one value per completion
+        return x.mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@dataclass
+class GRPOLoss:
+    """The GRPO term and the group settings the rollout uses (``conf/grpo/*.yaml``)."""
+
+    num_generations: int = 4
+    num_iterations: int = 1
+    loss_type: str = "grpo"
+    importance_sampling_level: str = "sequence"
+    scale_rewards: str = "group"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    kl_bias_correction: bool = True
+    mask_truncated_completions: bool = False
+    weight: float = 1.0
+    name: str = "grpo"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta != 0.0
+
+    def advantages(self, rewards: Tensor) -> tuple[Tensor, Tensor]:
+        return group_advantages(rewards, self.num_generations, self.scale_rewards)
+
+    def __call__(self, inputs: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        return grpo_loss(
+            inputs.logps,
+            inputs.old_logps,
+            inputs.advantages,
+            inputs.completion_mask,
+            inputs.ref_logps,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            epsilon=self.epsilon,
+            epsilon_high=self.epsilon_high,
+            beta=self.beta,
+            kl_bias_correction=self.kl_bias_correction,
+            max_completion_length=inputs.extras.get("max_completion_length"),
+            num_items_in_batch=inputs.num_items_in_batch,
+        )

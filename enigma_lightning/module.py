@@ -1,0 +1,217 @@
+"""The ENIGMA LightningModule: policy, frozen reference and principle encoder; one training step = one GRPO step.
+
+``training_step``: rollout (G completions per prompt) -> rewards -> group-relative advantages -> policy forward
+(and one reference forward when a term needs it) -> every selected loss term -> weighted sum -> metrics.
+
+With ``grpo.num_iterations = n > 1`` a rollout is reused for n optimiser steps (the prompts drawn for the other
+n - 1 steps are skipped), with the sampling policy's log-probs kept as ``old_logps``; with n = 1 the old
+log-probs are the current ones detached (no extra forward), as in TRL.
+
+Before each rollout the RNG is seeded from ``(seed, global_step, rank)``: sampling at step k is the same in a
+run resumed at step k as in the uninterrupted run. The RNG state is also saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from .encoder import PrincipleEncoder
+from .losses import GRPOLoss, LossTerm, StepInputs
+from .models import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokenizer
+from .principles import PrincipleSet
+from .prompts import PromptTemplate
+from .rewards import RewardModel, answers_match, extract_answer, is_strict
+from .rollout import SamplingConfig, generate, per_token_logps
+
+FROZEN_PREFIXES = ("reference.", "encoder.")
+
+
+class EnigmaModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ModelSpec,
+        terms: Mapping[str, LossTerm],
+        reward: RewardModel,
+        sampling: SamplingConfig,
+        prompt: PromptTemplate,
+        principles: PrincipleSet,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        encoder: PrincipleEncoder | None = None,
+        lora: Any | None = None,
+        seed: int = 0,
+        num_samples_kept: int = 8,
+    ):
+        super().__init__()
+        if "grpo" not in terms or not isinstance(terms["grpo"], GRPOLoss):
+            raise ValueError("loss must include the grpo term")
+        self.spec, self.sampling, self.prompt, self.principles = model, sampling, prompt, principles
+        self.reward, self.optimizer_factory, self.scheduler_factory = reward, optimizer, scheduler
+        self.seed, self.num_samples_kept = seed, num_samples_kept
+        self.grpo: GRPOLoss = terms["grpo"]
+        self.terms = dict(terms)
+        self.term_modules = nn.ModuleDict({k: v for k, v in terms.items() if isinstance(v, nn.Module)})
+        self.tokenizer = load_tokenizer(model)
+        policy = load_policy(model)
+        needs_ref = any(t.needs_reference for t in terms.values())
+        # With LoRA the reference is the base model with the adapter disabled: no second copy of the weights.
+        self.reference = frozen_copy(policy) if needs_ref and lora is None else None
+        self.policy = apply_lora(policy, lora) if lora is not None else policy
+        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
+        self.uses_adapter_reference = needs_ref and lora is not None
+        self.encoder = encoder
+        self._buffer: dict[str, Any] | None = None
+        self.last_samples: list[dict] = []
+        self.last_completion_tokens = 0
+        self.val_best: float | None = None
+
+    # ---- prompts and rollout -------------------------------------------------------------------------------------
+    def render(self, questions: list[str]) -> list[str]:
+        return [self.prompt.render(self.tokenizer, q, self.principles.text) for q in questions]
+
+    def _seed_step(self) -> None:
+        s = hash((self.seed, self.global_step, self.global_rank)) % (2**31)
+        torch.manual_seed(s)
+        random.seed(s)
+
+    def _reference_logps(self, ro) -> torch.Tensor:
+        args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, self.sampling.temperature)
+        if self.reference is not None:
+            return per_token_logps(self.reference, *args)[0]
+        with self.policy.disable_adapter():
+            return per_token_logps(self.policy, *args)[0]
+
+    def _new_rollout(self, batch: dict[str, list]) -> dict[str, Any]:
+        self._seed_step()
+        g = self.grpo.num_generations
+        prompts = self.render(batch["source"])
+        t0 = time.perf_counter()
+        ro = generate(self.policy, self.tokenizer, prompts, g, self.sampling, prefill=self.prompt.prefill)
+        gen_time = time.perf_counter() - t0
+        columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
+        rep_prompts = [p for p in prompts for _ in range(g)]
+        per_func, total = self.reward(rep_prompts, ro.completions, **columns)
+        advantages, std_zero = self.grpo.advantages(total.to(self.device))
+        mask = ro.completion_mask
+        if self.grpo.mask_truncated_completions:
+            mask = mask * (~ro.truncated).unsqueeze(1).long()
+        buf = dict(ro=ro, mask=mask, advantages=advantages, rewards=total, per_func=per_func, std_zero=std_zero,
+                   gen_time=gen_time, columns=columns, prompts=rep_prompts, old_logps=None, ref_logps=None)
+        with torch.no_grad():
+            if self.grpo.num_iterations > 1:
+                buf["old_logps"] = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
+                                                   ro.completion_mask, self.sampling.temperature)[0]
+            if self.reference is not None or self.uses_adapter_reference:
+                buf["ref_logps"] = self._reference_logps(ro)
+        return buf
+
+    # ---- training ------------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning's logging step counter is bumped by one on restore because it assumes the checkpoint was written
+        # at the end of a batch; an exception checkpoint (OnExceptionCheckpoint) is written before the batch ran.
+        # With one optimiser step per batch (validated), the counter must equal global_step.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> torch.Tensor:
+        if self._buffer is None or self.global_step % self.grpo.num_iterations == 0:
+            self._buffer = self._new_rollout(batch)
+        buf, ro = self._buffer, self._buffer["ro"]
+        logps, _ = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
+                                   ro.completion_mask, self.sampling.temperature)
+        inputs = StepInputs(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, buf["mask"], buf["advantages"], logps,
+                            old_logps=buf["old_logps"], ref_logps=buf["ref_logps"],
+                            extras={"max_completion_length": self.sampling.max_new_tokens})
+        total = logps.new_zeros(())
+        metrics: dict[str, Any] = {}
+        for name, term in self.terms.items():
+            loss, term_metrics = term(inputs)
+            total = total + term.weight * loss
+            metrics[f"train/{name}/loss"] = loss.detach()
+            metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items()})
+        metrics["train/loss"] = total.detach()
+        metrics.update(self._rollout_metrics(buf))
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=logps.size(0))
+        self.log("reward", metrics["train/reward/mean"], prog_bar=True, logger=False, batch_size=logps.size(0))
+        self.log("format", metrics["train/format/strict_rate"], prog_bar=True, logger=False, batch_size=logps.size(0))
+        self.last_completion_tokens = int(ro.completion_mask.sum())
+        return total
+
+    def _rollout_metrics(self, buf: dict[str, Any]) -> dict[str, float]:
+        ro, rewards, per_func = buf["ro"], buf["rewards"], buf["per_func"]
+        lengths = ro.lengths.float()
+        m = {
+            "train/reward/mean": torch.nanmean(rewards).item(),
+            "train/reward/std": torch.nan_to_num(rewards).std().item() if rewards.numel() > 1 else 0.0,
+            "train/reward/frac_zero_std": buf["std_zero"].float().mean().item(),
+            "train/advantages/abs_mean": buf["advantages"].abs().mean().item(),
+            "train/format/strict_rate": sum(is_strict(c) for c in ro.completions) / len(ro.completions),
+            "train/completions/mean_length": lengths.mean().item(),
+            "train/completions/max_length": lengths.max().item(),
+            "train/completions/clipped_ratio": ro.truncated.float().mean().item(),
+            "perf/generation_time": buf["gen_time"],
+        }
+        for i, name in enumerate(self.reward.names):
+            m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i]).item()
+        self.last_samples = [
+            {"step": self.global_step, "prompt": p, "completion": c, "reward": float(r), "target": t}
+            for p, c, r, t in zip(buf["prompts"], ro.completions, rewards.tolist(),
+                                  buf["columns"].get("target", [None] * len(rewards)), strict=True)
+        ][: self.num_samples_kept]
+        return m
+
+    # ---- validation: greedy decoding on the held-out split -------------------------------------------------------
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        ro = generate(self.policy, self.tokenizer, self.render(batch["source"]), 1, self.sampling,
+                      prefill=self.prompt.prefill, greedy=True)
+        strict = [is_strict(c) for c in ro.completions]
+        correct = [s and answers_match(extract_answer(c), t) for s, c, t in zip(strict, ro.completions,
+                                                                                  batch["target"], strict=True)]
+        n = len(strict)
+        self.log("val/format_rate", sum(strict) / n, batch_size=n, on_epoch=True)
+        self.log("val/accuracy", sum(correct) / n, batch_size=n, on_epoch=True)
+        self.log("val/completions/mean_length", ro.lengths.float().mean().item(), batch_size=n, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.trainer.callback_metrics.get("val/accuracy")
+        if acc is not None and not self.trainer.sanity_checking:
+            self.val_best = float(acc) if self.val_best is None else max(self.val_best, float(acc))
+            self.log("val/accuracy_best", self.val_best)
+
+    # ---- optimiser -----------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith(FROZEN_PREFIXES)]
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    # ---- checkpoints: policy (and trainable term parameters) only, plus RNG state --------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith(FROZEN_PREFIXES)]:
+            del sd[k]
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        checkpoint["val_best"] = self.val_best
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k, v in self.state_dict().items():  # the frozen parts are rebuilt from their sources, not loaded
+            if k.startswith(FROZEN_PREFIXES):
+                sd[k] = v
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.val_best = checkpoint.get("val_best")

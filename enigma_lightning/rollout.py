@@ -1,0 +1,105 @@
+"""Rollout: G sampled completions per prompt, masks up to the first EOS, truncation flags, per-token log-probs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings of the rollout (``conf/rollout/*.yaml``)."""
+
+    max_new_tokens: int = 96
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_prompt_length: int | None = 1024  # longer prompts are cut from the left (the question stays)
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor  # [B, P] left padded; B = prompts * G, each prompt's G completions consecutive
+    prompt_mask: Tensor  # [B, P]
+    completion_ids: Tensor  # [B, T] right padded with pad_token_id after the first EOS
+    completion_mask: Tensor  # [B, T] 1 up to and including the first EOS
+    truncated: Tensor  # [B] bool: no EOS within max_new_tokens
+    completions: list[str]  # decoded completions, assistant prefill prepended
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.completion_mask.sum(1)
+
+
+def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list | tuple) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask_from_eos(completion_ids: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
+    """Mask [B, T] that is 1 up to and including the first EOS token, and truncated [B] (no EOS at all)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.size(1), dtype=torch.long))
+    positions = torch.arange(completion_ids.size(1), device=completion_ids.device).expand_as(completion_ids)
+    return (positions <= first.unsqueeze(1)).long(), ~has_eos
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: int, sampling: SamplingConfig,
+             prefill: str = "", greedy: bool = False) -> Rollout:
+    """Sample ``num_generations`` completions for each prompt (greedy: one per prompt, ``num_generations`` ignored)."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    truncation=sampling.max_prompt_length is not None, max_length=sampling.max_prompt_length)
+    g = 1 if greedy else num_generations
+    prompt_ids = enc["input_ids"].to(device).repeat_interleave(g, dim=0)
+    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(g, dim=0)
+    eos = eos_token_ids(tokenizer, model)
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                  use_cache=True)
+    if greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                      repetition_penalty=sampling.repetition_penalty)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+    finally:
+        model.train(was_training)
+    completion_ids = out[:, prompt_ids.size(1):]
+    mask, truncated = completion_mask_from_eos(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts])
+
+
+def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                    completion_mask: Tensor, temperature: float = 1.0, output_hidden_states: bool = False,
+                    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """Log-probs [B, T] of the completion tokens (logits divided by the sampling temperature, as TRL does), and the
+    hidden states of all layers when asked (one forward serves both)."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    t = completion_ids.size(1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=t + 1,
+                output_hidden_states=output_hidden_states, use_cache=False)
+    logits = out.logits[:, :-1, :].float() / temperature  # [B, T, V]
+    logps = selective_log_softmax(logits, completion_ids)
+    return logps, (out.hidden_states if output_hidden_states else None)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """log_softmax(logits)[..., index] without materialising the full log-softmax (row by row)."""
+    out = []
+    for row_logits, row_index in zip(logits, index, strict=True):
+        picked = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(out)

@@ -1,0 +1,113 @@
+"""One check of the composed configuration that collects every problem and raises once (:class:`ConfigError`).
+
+Each message names the key, what is wrong, and the override that fixes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .data import check_data_source
+from .errors import ConfigError
+from .losses.grpo import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from .models import is_local_path
+
+
+def _get(cfg: DictConfig, key: str, default=None):
+    value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+    return value
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    p: list[str] = []
+    g = _get(cfg, "grpo.num_generations")
+    if not isinstance(g, int) or g < 2:
+        p.append(f"grpo.num_generations must be >= 2 for group-relative advantages; got {g}. Set grpo.num_generations=4")
+    bs = _get(cfg, "data.batch_size")
+    if isinstance(g, int) and g >= 2 and (not isinstance(bs, int) or bs < g or bs % g):
+        fix = max(g, (bs or 0) // g * g) if isinstance(bs, int) else 4 * g
+        p.append(f"data.batch_size counts completions per step and must be a positive multiple of "
+                 f"grpo.num_generations={g}; got {bs}. Set data.batch_size={fix}")
+    for key, allowed in (("grpo.loss_type", LOSS_TYPES), ("grpo.importance_sampling_level", IS_LEVELS),
+                         ("grpo.scale_rewards", SCALE_REWARDS)):
+        v = _get(cfg, key)
+        if v not in allowed:
+            p.append(f"{key} must be one of {list(allowed)}; got {v!r}. Set {key}={allowed[0]}")
+    eps = _get(cfg, "grpo.epsilon")
+    if not isinstance(eps, int | float) or eps <= 0:
+        p.append(f"grpo.epsilon (clip range) must be > 0; got {eps}. Set grpo.epsilon=0.2")
+    eh = _get(cfg, "grpo.epsilon_high")
+    if eh is not None and (not isinstance(eh, int | float) or eh <= 0):
+        p.append(f"grpo.epsilon_high must be > 0 or null (= grpo.epsilon); got {eh}. Set grpo.epsilon_high=null")
+    ni = _get(cfg, "grpo.num_iterations")
+    if not isinstance(ni, int) or ni < 1:
+        p.append(f"grpo.num_iterations must be >= 1; got {ni}. Set grpo.num_iterations=1")
+
+    loss = _get(cfg, "loss")
+    if not isinstance(loss, DictConfig) or len(loss) == 0:
+        p.append("loss selects no term. Choose a preset: loss=grpo (or loss=[grpo,<term>], loss=full)")
+    else:
+        if "grpo" not in loss:
+            p.append(f"loss must include the grpo term (it drives the rollout); got {list(loss)}. "
+                     f"Use loss=[grpo,{','.join(loss)}]")
+        for name in loss:
+            node = loss[name]
+            if not isinstance(node, DictConfig) or "_target_" not in node:
+                p.append(f"loss.{name} is not a loss term (no _target_). Remove it, or add conf/loss/{name}.yaml "
+                         "and select it with loss=[grpo,...]")
+
+    t = _get(cfg, "rollout.temperature")
+    if not isinstance(t, int | float) or t <= 0:
+        p.append(f"rollout.temperature must be > 0 (GRPO samples); got {t}. Set rollout.temperature=0.9")
+    mnt = _get(cfg, "rollout.max_new_tokens")
+    if not isinstance(mnt, int) or mnt < 1:
+        p.append(f"rollout.max_new_tokens must be >= 1; got {mnt}. Set rollout.max_new_tokens=96")
+    tp = _get(cfg, "rollout.top_p")
+    if not isinstance(tp, int | float) or not 0 < tp <= 1:
+        p.append(f"rollout.top_p must be in (0, 1]; got {tp}. Set rollout.top_p=1.0")
+
+    data_path = _get(cfg, "data.path")
+    problem = check_data_source(str(data_path)) if data_path else "data.path is empty. Set data.path=bundled"
+    if problem:
+        p.append(problem)
+    if _get(cfg, "data.val_path") and (vp := check_data_source(str(_get(cfg, "data.val_path")))):
+        p.append(vp.replace("data.path", "data.val_path"))
+    if _get(cfg, "data.on_bad_rows") not in ("error", "skip"):
+        p.append(f"data.on_bad_rows must be error or skip; got {_get(cfg, 'data.on_bad_rows')!r}")
+
+    name = str(_get(cfg, "model.name_or_path", ""))
+    if not name:
+        p.append("model.name_or_path is empty. Set model=<hub id or local folder> or model=smollm2_embedded")
+    elif is_local_path(name) and not Path(name).expanduser().exists():
+        p.append(f"model.name_or_path: folder {name!r} does not exist. Point it at a saved checkpoint folder or a hub id")
+
+    ckpt = _get(cfg, "ckpt_path")
+    if ckpt and not Path(str(ckpt)).expanduser().exists():
+        p.append(f"ckpt_path: file {ckpt!r} does not exist. Use <run dir>/checkpoints/last.ckpt, or ckpt_path=null")
+
+    ms = _get(cfg, "trainer.max_steps")
+    if not isinstance(ms, int) or ms < 1:
+        p.append(f"trainer.max_steps must be >= 1 (training is counted in GRPO steps); got {ms}. Set trainer.max_steps=20")
+    acc = _get(cfg, "trainer.accumulate_grad_batches", 1)
+    if acc != 1:
+        p.append(f"trainer.accumulate_grad_batches must be 1 (one GRPO step = one rollout = one optimiser step); "
+                 f"got {acc}. Raise data.batch_size instead")
+
+    funcs, weights = _get(cfg, "reward.funcs"), _get(cfg, "reward.weights")
+    if not funcs:
+        p.append("reward.funcs is empty. Use reward=format_gated or add reward.funcs.<name>._target_=<module.fn>")
+    elif weights:
+        for k in set(weights) - set(funcs):
+            p.append(f"reward.weights.{k} has no matching reward.funcs.{k}. Remove it or add the function")
+
+    if not str(_get(cfg, "principles.text", "") or "").strip():
+        p.append("principles.text is empty. Choose a set: principles=default (see conf/principles/)")
+    return p
+
+
+def validate(cfg: DictConfig) -> None:
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,10 @@
+"""Reward functions for tests: on a random tiny model the format reward is constant, so GRPO would see no signal."""
+
+
+def length_reward(prompts, completions, **columns):
+    """Longer completions score higher (gives non-zero advantages on a random model)."""
+    return [len(c) / 100.0 for c in completions]
+
+
+def digit_reward(prompts, completions, **columns):
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]

@@ -1,0 +1,93 @@
+"""Every config group option composes; validation reports every problem at once; CLI conveniences."""
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from enigma_lightning.cli import config_options, rewrite_model_override
+from enigma_lightning.errors import ConfigError
+from enigma_lightning.validate import config_problems, validate
+
+GROUPS = ["model", "peft", "encoder", "data", "principles", "prompt", "loss", "grpo", "rollout", "reward", "optim",
+          "trainer", "logger", "callbacks", "hydra", "paths", "experiment", "debug"]
+NEEDS_VALUE = {"model=hf": ["model.name_or_path=/tmp"], "data=local": ["data.path=/tmp/x.jsonl"]}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes(make_cfg, group):
+    options = sorted(config_options(group))
+    assert options, group
+    for option in options:
+        override = f"{group}={option}"
+        cfg = make_cfg(override, *NEEDS_VALUE.get(override, []))
+        OmegaConf.resolve(cfg)  # every interpolation resolves
+        assert "grpo" in cfg.loss
+
+
+def test_cheap_nodes_instantiate(make_cfg):
+    cfg = make_cfg()
+    for key in ("grpo", "rollout", "reward", "prompt", "principles", "data"):
+        assert instantiate(cfg[key]) is not None
+    for option in config_options("principles"):
+        ps = instantiate(make_cfg(f"principles={option}").principles)
+        assert ps.text.strip() and ps.antithesis.strip() and ps.name == option
+    opt = instantiate(make_cfg("optim=adamw_warmup").optim)
+    import torch
+
+    o = opt.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    assert opt.scheduler(o) is not None
+
+
+@pytest.mark.parametrize("preset", ["cpu", "ddp_cpu"])
+def test_cpu_trainers_instantiate(make_cfg, preset):
+    trainer = instantiate(make_cfg(f"trainer={preset}", "logger=none").trainer, logger=False)
+    assert trainer.max_steps > 0
+
+
+def test_fsdp_strategy_builds(make_cfg):
+    strategy = instantiate(make_cfg("trainer=fsdp").trainer.strategy)
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    assert isinstance(strategy, FSDPStrategy)
+
+
+def test_default_config_is_valid(make_cfg):
+    assert config_problems(make_cfg()) == []
+    assert config_problems(make_cfg("experiment=smoke")) == []
+
+
+def test_all_problems_reported_at_once(make_cfg, tmp_path):
+    cfg = make_cfg("grpo.num_generations=1", "grpo.loss_type=ppo", "rollout.temperature=0",
+                   f"data.path={tmp_path}/missing.jsonl", "+loss.bogus.weight=1.0", "trainer.max_steps=0",
+                   f"ckpt_path={tmp_path}/none.ckpt", "+reward.weights.typo=1.0")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for needle in ["grpo.num_generations must be >= 2", "Set grpo.num_generations=4", "grpo.loss_type must be one of",
+                   "rollout.temperature must be > 0", "missing.jsonl' does not exist", "loss.bogus is not a loss term",
+                   "trainer.max_steps must be >= 1", "ckpt_path: file", "reward.weights.typo"]:
+        assert needle in msg, needle
+    assert len(e.value.problems) == 8
+
+
+def test_batch_must_be_divisible_by_group(make_cfg):
+    problems = config_problems(make_cfg("data.batch_size=10", "grpo.num_generations=4"))
+    assert problems == ["data.batch_size counts completions per step and must be a positive multiple of "
+                        "grpo.num_generations=4; got 10. Set data.batch_size=8"]
+
+
+def test_model_override_accepts_hub_ids_and_folders():
+    assert rewrite_model_override(["model=Qwen/Qwen2.5-0.5B-Instruct", "x=1"]) == [
+        "model=hf", "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct", "x=1"]
+    assert rewrite_model_override(["model=tiny"]) == ["model=tiny"]
+    assert rewrite_model_override(["model=./ckpt"]) == ["model=hf", "model.name_or_path=./ckpt"]
+
+
+def test_bad_config_exits_with_message(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "enigma_lightning.train", "experiment=smoke", "grpo.num_generations=1",
+                        f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "grpo.num_generations must be >= 2" in r.stderr and "Traceback" not in r.stderr

