@@ -83,10 +83,11 @@ class EnigmaModule(L.LightningModule):
 
     def _reference_logps(self, ro) -> torch.Tensor:
         args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, self.sampling.temperature)
+        g = self.grpo.num_generations
         if self.reference is not None:
-            return per_token_logps(self.reference, *args)[0]
+            return per_token_logps(self.reference, *args, num_generations=g)[0]
         with self.policy.disable_adapter():
-            return per_token_logps(self.policy, *args)[0]
+            return per_token_logps(self.policy, *args, num_generations=g)[0]
 
     def _new_rollout(self, batch: dict[str, list]) -> dict[str, Any]:
         self._seed_step()
@@ -107,7 +108,8 @@ class EnigmaModule(L.LightningModule):
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
                 buf["old_logps"] = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
-                                                   ro.completion_mask, self.sampling.temperature)[0]
+                                                   ro.completion_mask, self.sampling.temperature,
+                                                   num_generations=self.grpo.num_generations)[0]
             if self.reference is not None or self.uses_adapter_reference:
                 buf["ref_logps"] = self._reference_logps(ro)
         return buf
@@ -124,7 +126,8 @@ class EnigmaModule(L.LightningModule):
             self._buffer = self._new_rollout(batch)
         buf, ro = self._buffer, self._buffer["ro"]
         logps, _ = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
-                                   ro.completion_mask, self.sampling.temperature)
+                                   ro.completion_mask, self.sampling.temperature,
+                                   num_generations=self.grpo.num_generations)
         inputs = StepInputs(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, buf["mask"], buf["advantages"], logps,
                             old_logps=buf["old_logps"], ref_logps=buf["ref_logps"],
                             extras={"max_completion_length": self.sampling.max_new_tokens})

@@ -83,9 +83,20 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
 
 def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                     completion_mask: Tensor, temperature: float = 1.0, output_hidden_states: bool = False,
-                    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+                    num_generations: int = 1) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """Log-probs [B, T] of the completion tokens (logits divided by the sampling temperature, as TRL does), and the
-    hidden states of all layers when asked (one forward serves both)."""
+    hidden states [B, P + T, D] of all layers when asked (one forward serves both).
+
+    Shared prompt: when each run of ``num_generations`` consecutive rows has the same prompt (as a rollout's groups
+    do), the prompt is run once per group and its KV cache repeated G times before the completions are run on top
+    of it. Gradients flow through the cache, so values and gradients equal the plain forward's, for about G times
+    less prompt compute and activation memory. Falls back to the plain forward when rows differ or under gradient
+    checkpointing (which disables the cache).
+    """
+    if num_generations > 1 and _groups_share_prompt(prompt_ids, num_generations) and not getattr(
+            model, "is_gradient_checkpointing", False):
+        return _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                                    output_hidden_states, num_generations)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     t = completion_ids.size(1)
@@ -94,6 +105,29 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     logits = out.logits[:, :-1, :].float() / temperature  # [B, T, V]
     logps = selective_log_softmax(logits, completion_ids)
     return logps, (out.hidden_states if output_hidden_states else None)
+
+
+def _groups_share_prompt(prompt_ids: Tensor, g: int) -> bool:
+    b = prompt_ids.size(0)
+    return b % g == 0 and torch.equal(prompt_ids, prompt_ids[::g].repeat_interleave(g, dim=0))
+
+
+def _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                         output_hidden_states, g):
+    out_p = model(input_ids=prompt_ids[::g], attention_mask=prompt_mask[::g], logits_to_keep=1, use_cache=True,
+                  output_hidden_states=output_hidden_states)  # [B/G, P] once per group
+    cache = out_p.past_key_values
+    cache.batch_repeat_interleave(g)  # differentiable: gradients reach the prompt's keys and values
+    out_c = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                  past_key_values=cache, use_cache=True, output_hidden_states=output_hidden_states)
+    first = out_p.logits[:, -1:, :].repeat_interleave(g, dim=0)  # predicts completion token 0
+    logits = torch.cat([first, out_c.logits[:, :-1, :]], dim=1).float() / temperature  # [B, T, V]
+    logps = selective_log_softmax(logits, completion_ids)
+    hidden = None
+    if output_hidden_states:
+        hidden = tuple(torch.cat([hp.repeat_interleave(g, dim=0), hc], dim=1)
+                       for hp, hc in zip(out_p.hidden_states, out_c.hidden_states, strict=True))
+    return logps, hidden
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:

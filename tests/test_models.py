@@ -92,3 +92,27 @@ def test_minilm_encoder_is_frozen_and_semantic():
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
     assert e[0] @ e[1] > e[0] @ e[2]
     assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_shared_prompt_forward_equals_plain_forward(tiny_dir):
+    """Prompt once per group + repeated KV cache: same log-probs, hidden states and gradients as the plain forward."""
+    spec = ModelSpec(name_or_path=str(tiny_dir))
+    tok, model = load_tokenizer(spec), load_policy(spec)
+    prompts = [PromptTemplate(system="{principles}").render(tok, q, "Be clear.") for q in ("What is 2 + 2?", "Hi")]
+    ro = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10))
+    args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
+    results = []
+    for g in (1, 3):
+        model.zero_grad()
+        logps, hidden = per_token_logps(model, *args, output_hidden_states=True, num_generations=g)
+        (logps * ro.completion_mask).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((logps.detach(), [h.detach() for h in hidden], grads))
+    (lp1, h1, g1), (lp3, h3, g3) = results
+    m = ro.completion_mask.bool()
+    torch.testing.assert_close(lp3[m], lp1[m], rtol=1e-4, atol=1e-5)
+    keep = torch.cat([ro.prompt_mask, ro.completion_mask], 1).bool()
+    for a, b in zip(h1, h3, strict=True):
+        torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
+    for a, b in zip(g1, g3, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
