@@ -63,8 +63,8 @@ def check_rows(rows: list[dict], where: str, on_bad_rows: str = "error") -> tupl
     problems: list[str] = []
     good: list[dict] = []
     for i, row in enumerate(rows):
-        missing = [k for k in REQUIRED if k not in row]
-        empty = [k for k in REQUIRED if k in row and (row[k] is None or not str(row[k]).strip())]
+        missing = [k for k in REQUIRED if row.get(k) is None]  # datasets fills absent keys with None
+        empty = [k for k in REQUIRED if row.get(k) is not None and not str(row[k]).strip()]
         if missing or empty:
             parts = [f"missing field {k!r}" for k in missing] + [f"empty {k!r}" for k in empty]
             problems.append(f"row {i}: " + ", ".join(parts))

@@ -52,7 +52,7 @@ def test_bad_rows_are_reported_with_index():
         check_rows(rows, "data.path='x.jsonl'")
     msg = str(e.value)
     assert "3 bad row(s) in data.path='x.jsonl'" in msg
-    assert "row 1: empty 'source'" in msg and "row 2: missing field 'source'" in msg and "row 3: empty 'target'" in msg
+    assert "row 1: empty 'source'" in msg and "row 2: missing field 'source'" in msg and "row 3: missing field 'target'" in msg
     assert "data.on_bad_rows=skip" in msg
     good, problems = check_rows(rows, "x", on_bad_rows="skip")
     assert good == rows[:1] and len(problems) == 3

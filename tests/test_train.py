@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import lightning as L
 import pytest
@@ -136,3 +137,43 @@ def test_lora_trains_adapter_only(make_cfg, tmp_path):
                         limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=instantiate(cfg.data))
     assert trainer.callback_metrics["train/grpo/kl"] >= 0
+
+
+def test_hub_path_with_local_folders_through_the_cli(tiny_dir, tmp_path):
+    """`model=<id or folder> data=cot_collection data.path=<id or folder>`: a local folder stands in for hub ids."""
+    import shutil
+    import subprocess
+    import sys
+
+    from enigma_lightning.data import bundled_path
+
+    data = tmp_path / "cot_collection_like"
+    data.mkdir()
+    shutil.copy(bundled_path("eval"), data / "train.jsonl")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "enigma_lightning.train", "experiment=smoke", f"model={tiny_dir}",
+                        "data=cot_collection", f"data.path={data}", "data.val_size=8", "trainer.max_steps=2",
+                        f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = (out / "config.yaml").read_text()
+    assert f"name_or_path: {tiny_dir}" in cfg and f"path: {data}" in cfg and "limit: 20000" in cfg
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 2
+
+
+def test_bad_data_rows_stop_the_run_with_their_index(make_cfg, tmp_path):
+    from enigma_lightning.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"source": f"q{i}", "target": str(i)} for i in range(30)]
+    rows[4]["source"] = "  "
+    del rows[17]["target"]
+    bad.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match=r"(?s)2 bad row\(s\).*row 4: empty 'source'.*row 17: missing field 'target'"):
+        run(make_cfg("experiment=smoke", "data=local", f"data.path={bad}"))
+
+
+def test_bf16_autocast_trains(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    summary = run(make_cfg("experiment=smoke", "trainer.precision=bf16-mixed", "trainer.max_steps=2", *SIGNAL, out=out))
+    assert summary["global_step"] == 2
+    assert math.isfinite(summary["final"]["train/loss"])
