@@ -29,7 +29,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "enigma_lightning", "tests", "noxfile.py")
+    session.run("ruff", "check", "enigma_lightning", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session
