@@ -18,8 +18,9 @@ def _outdir(trainer: L.Trainer) -> Path:
 
 
 class StepTimer(L.Callback):
-    """Logs ``perf/step_time`` (rollout + forward + backward + optimiser) and ``perf/tokens_per_s`` (completion
-    tokens of the step / step time)."""
+    """Logs ``perf/step_time`` (rollout + forward + backward + optimiser), ``perf/tokens_per_s`` (completion
+    tokens of the step / step time), and for each timed phase (``generation``, ``reference`` forward, each loss
+    term's forward, e.g. ``ot``) ``perf/<phase>_time`` in seconds and ``perf/<phase>_share`` of the step."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
@@ -29,6 +30,9 @@ class StepTimer(L.Callback):
         pl_module.log("perf/step_time", dt, on_step=True, on_epoch=False)
         pl_module.log("perf/tokens_per_s", pl_module.last_completion_tokens / max(dt, 1e-9), on_step=True,
                       on_epoch=False)
+        for phase, t in pl_module.last_timings.items():
+            pl_module.log(f"perf/{phase}_time", t, on_step=True, on_epoch=False)
+            pl_module.log(f"perf/{phase}_share", t / max(dt, 1e-9), on_step=True, on_epoch=False)
 
 
 class CompletionSamples(L.Callback):

@@ -61,6 +61,9 @@ class EnigmaModule(L.LightningModule):
         self.tokenizer = load_tokenizer(model)
         policy = load_policy(model)
         needs_ref = any(t.needs_reference for t in terms.values())
+        # hidden-state layers any term reads (taken from the forwards the step already does)
+        self.hidden_layers = sorted({layer for t in terms.values() if getattr(t, "needs_hidden_states", False)
+                                     for layer in t.layers})
         # With LoRA the reference is the base model with the adapter disabled: no second copy of the weights.
         self.reference = frozen_copy(policy) if needs_ref and lora is None else None
         self.policy = apply_lora(policy, lora) if lora is not None else policy
@@ -70,6 +73,7 @@ class EnigmaModule(L.LightningModule):
         self._buffer: dict[str, Any] | None = None
         self.last_samples: list[dict] = []
         self.last_completion_tokens = 0
+        self.last_timings: dict[str, float] = {}
         self.val_best: float | None = None
 
     # ---- prompts and rollout -------------------------------------------------------------------------------------
@@ -81,13 +85,20 @@ class EnigmaModule(L.LightningModule):
         torch.manual_seed(s)
         random.seed(s)
 
-    def _reference_logps(self, ro) -> torch.Tensor:
-        args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, self.sampling.temperature)
-        g = self.grpo.num_generations
+    def _forward(self, model, ro, **kwargs):
+        """Completion log-probs and, when a term reads them, {layer: completion-token hidden states [B, T, D]}."""
+        logps, hidden = per_token_logps(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
+                                        self.sampling.temperature, output_hidden_states=bool(self.hidden_layers),
+                                        num_generations=self.grpo.num_generations, **kwargs)
+        t = ro.completion_ids.size(1)
+        return logps, ({layer: hidden[layer][:, -t:] for layer in self.hidden_layers} if hidden else {})
+
+    def _reference_forward(self, ro):
+        """One reference forward serves the KL (log-probs) and OT (hidden states)."""
         if self.reference is not None:
-            return per_token_logps(self.reference, *args, num_generations=g)[0]
+            return self._forward(self.reference, ro)
         with self.policy.disable_adapter():
-            return per_token_logps(self.policy, *args, num_generations=g)[0]
+            return self._forward(self.policy, ro)
 
     def _new_rollout(self, batch: dict[str, list]) -> dict[str, Any]:
         self._seed_step()
@@ -104,14 +115,17 @@ class EnigmaModule(L.LightningModule):
         if self.grpo.mask_truncated_completions:
             mask = mask * (~ro.truncated).unsqueeze(1).long()
         buf = dict(ro=ro, mask=mask, advantages=advantages, rewards=total, per_func=per_func, std_zero=std_zero,
-                   gen_time=gen_time, columns=columns, prompts=rep_prompts, old_logps=None, ref_logps=None)
+                   gen_time=gen_time, columns=columns, prompts=rep_prompts, old_logps=None, ref_logps=None,
+                   ref_hidden={}, ref_time=0.0)
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
                 buf["old_logps"] = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
                                                    ro.completion_mask, self.sampling.temperature,
                                                    num_generations=self.grpo.num_generations)[0]
             if self.reference is not None or self.uses_adapter_reference:
-                buf["ref_logps"] = self._reference_logps(ro)
+                t0 = time.perf_counter()
+                buf["ref_logps"], buf["ref_hidden"] = self._reference_forward(ro)
+                buf["ref_time"] = time.perf_counter() - t0
         return buf
 
     # ---- training ------------------------------------------------------------------------------------------------
@@ -125,19 +139,21 @@ class EnigmaModule(L.LightningModule):
         if self._buffer is None or self.global_step % self.grpo.num_iterations == 0:
             self._buffer = self._new_rollout(batch)
         buf, ro = self._buffer, self._buffer["ro"]
-        logps, _ = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
-                                   ro.completion_mask, self.sampling.temperature,
-                                   num_generations=self.grpo.num_generations)
+        logps, hidden = self._forward(self.policy, ro)
         inputs = StepInputs(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, buf["mask"], buf["advantages"], logps,
                             old_logps=buf["old_logps"], ref_logps=buf["ref_logps"],
-                            extras={"max_completion_length": self.sampling.max_new_tokens})
+                            extras={"max_completion_length": self.sampling.max_new_tokens, "hidden": hidden,
+                                    "ref_hidden": buf["ref_hidden"], "step": self.global_step})
         total = logps.new_zeros(())
         metrics: dict[str, Any] = {}
+        self.last_timings = {"generation": buf["gen_time"], "reference": buf["ref_time"]}
         for name, term in self.terms.items():
+            t0 = time.perf_counter()
             loss, term_metrics = term(inputs)
+            self.last_timings[name] = time.perf_counter() - t0
             total = total + term.weight * loss
             metrics[f"train/{name}/loss"] = loss.detach()
-            metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items()})
+            metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items() if k != "time"})
         metrics["train/loss"] = total.detach()
         metrics.update(self._rollout_metrics(buf))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=logps.size(0))
@@ -158,7 +174,6 @@ class EnigmaModule(L.LightningModule):
             "train/completions/mean_length": lengths.mean().item(),
             "train/completions/max_length": lengths.max().item(),
             "train/completions/clipped_ratio": ro.truncated.float().mean().item(),
-            "perf/generation_time": buf["gen_time"],
         }
         for i, name in enumerate(self.reward.names):
             m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i]).item()
