@@ -18,7 +18,7 @@ def test_every_option_composes(make_cfg, group):
     options = sorted(config_options(group))
     assert options, group
     for option in options:
-        override = f"{group}={option}"
+        override = f"{group}=[grpo,{option}]" if group == "loss" and option != "grpo" else f"{group}={option}"
         cfg = make_cfg(override, *NEEDS_VALUE.get(override, []))
         OmegaConf.resolve(cfg)  # every interpolation resolves
         assert "grpo" in cfg.loss
@@ -68,6 +68,11 @@ def test_all_problems_reported_at_once(make_cfg, tmp_path):
                    "trainer.max_steps must be >= 1", "ckpt_path: file", "reward.weights.typo"]:
         assert needle in msg, needle
     assert len(e.value.problems) == 8
+
+
+def test_loss_without_grpo_names_the_fix(make_cfg):
+    assert config_problems(make_cfg("loss=ot")) == [
+        "loss must include the grpo term (it drives the rollout); got ['ot']. Use loss=[grpo,ot]"]
 
 
 def test_batch_must_be_divisible_by_group(make_cfg):
