@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 
@@ -124,3 +125,12 @@ class FinalCheckpoint(L.Callback):
         if self.path.is_symlink():
             self.path.unlink()
         trainer.save_checkpoint(self.path)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without the logger's version tag: shows step, reward and format rate."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items

@@ -91,7 +91,9 @@ def apply_lora(model: nn.Module, lora_config: Any) -> nn.Module:
         from peft import get_peft_model
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise EnigmaError("peft=lora needs the peft package: pip install 'enigma-lightning[lora]'") from e
-    if getattr(model, "is_gradient_checkpointing", False):
+    from .rollout import checkpointing
+
+    if checkpointing(model):
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config)
 

@@ -70,6 +70,14 @@ class EnigmaModule(L.LightningModule):
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.uses_adapter_reference = needs_ref and lora is not None
         self.encoder = encoder
+        # SAMI: each question's G completions are generated under K principle variants (G = K * m)
+        self.sami = terms.get("sami")
+        self.num_variants = self.sami.num_variants if self.sami is not None else 1
+        self.variants = principles.all_variants()[: self.num_variants] if self.sami is not None else [principles.text]
+        if self.sami is not None:
+            self.sami.setup(policy.config.hidden_size, encoder.dim if encoder is not None else None)
+            emb = encoder.encode(self.variants) if self.sami.critic == "encoder" else torch.zeros(0)
+            self.register_buffer("variant_embeddings", emb, persistent=False)
         self._buffer: dict[str, Any] | None = None
         self.last_samples: list[dict] = []
         self.last_completion_tokens = 0
@@ -77,21 +85,46 @@ class EnigmaModule(L.LightningModule):
         self.val_best: float | None = None
 
     # ---- prompts and rollout -------------------------------------------------------------------------------------
-    def render(self, questions: list[str]) -> list[str]:
-        return [self.prompt.render(self.tokenizer, q, self.principles.text) for q in questions]
+    def render(self, questions: list[str], variants: list[str] | None = None) -> list[str]:
+        """Prompts ordered (question, variant); by default the set's own text only."""
+        variants = variants or [self.principles.text]
+        return [self.prompt.render(self.tokenizer, q, v) for q in questions for v in variants]
+
+    @property
+    def per_prompt(self) -> int:
+        """Completions sampled per rendered prompt (m = G / K)."""
+        return self.grpo.num_generations // self.num_variants
 
     def _seed_step(self) -> None:
         s = hash((self.seed, self.global_step, self.global_rank)) % (2**31)
         torch.manual_seed(s)
         random.seed(s)
 
-    def _forward(self, model, ro, **kwargs):
-        """Completion log-probs and, when a term reads them, {layer: completion-token hidden states [B, T, D]}."""
-        logps, hidden = per_token_logps(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
-                                        self.sampling.temperature, output_hidden_states=bool(self.hidden_layers),
-                                        num_generations=self.grpo.num_generations, **kwargs)
+    def _forward(self, model, ro, rows: torch.Tensor | None = None, num_generations: int | None = None):
+        """Completion log-probs and, when a term reads them, {layer: completion-token hidden states [B, T, D]}.
+        ``rows`` optionally gives (prompt rows, completion rows) to pair; prompts repeat ``num_generations`` times."""
+        p_rows, c_rows = rows if rows is not None else (slice(None), slice(None))
+        logps, hidden = per_token_logps(
+            model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows], ro.completion_mask[c_rows],
+            self.sampling.temperature, output_hidden_states=bool(self.hidden_layers),
+            num_generations=num_generations or self.per_prompt)
         t = ro.completion_ids.size(1)
         return logps, ({layer: hidden[layer][:, -t:] for layer in self.hidden_layers} if hidden else {})
+
+    def _sami_forward(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """One batched forward over every (question, prompt variant i', completion j) cell: SAMI's K x G scores
+        per question, and GRPO's log-probs / hidden states from the diagonal rows (i' = the completion's variant)."""
+        g, k, m = self.grpo.num_generations, self.num_variants, self.per_prompt
+        q = ro.prompt_ids.size(0) // g
+        qi, vi, ji = (torch.arange(n, device=self.device) for n in (q, k, g))
+        p_rows = (qi[:, None, None] * g + vi[None, :, None] * m).expand(q, k, g).reshape(-1)
+        c_rows = (qi[:, None, None] * g + ji[None, None, :]).expand(q, k, g).reshape(-1)
+        logps, hidden = self._forward(self.policy, ro, rows=(p_rows, c_rows), num_generations=g)
+        mask = ro.completion_mask[c_rows].to(logps.dtype)
+        scores = ((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(q, k, k, m)  # [Q, i', i, r]
+        ri = torch.arange(m, device=self.device)
+        diag = (qi[:, None, None] * k * g + vi[None, :, None] * (g + m) + ri[None, None, :]).reshape(-1)
+        return logps[diag], {layer: h[diag] for layer, h in hidden.items()}, scores
 
     def _reference_forward(self, ro):
         """One reference forward serves the KL (log-probs) and OT (hidden states)."""
@@ -103,12 +136,13 @@ class EnigmaModule(L.LightningModule):
     def _new_rollout(self, batch: dict[str, list]) -> dict[str, Any]:
         self._seed_step()
         g = self.grpo.num_generations
-        prompts = self.render(batch["source"])
+        prompts = self.render(batch["source"], self.variants)  # (question, variant) order
         t0 = time.perf_counter()
-        ro = generate(self.policy, self.tokenizer, prompts, g, self.sampling, prefill=self.prompt.prefill)
+        ro = generate(self.policy, self.tokenizer, prompts, self.per_prompt, self.sampling,
+                      prefill=self.prompt.prefill)
         gen_time = time.perf_counter() - t0
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
-        rep_prompts = [p for p in prompts for _ in range(g)]
+        rep_prompts = [p for p in prompts for _ in range(self.per_prompt)]
         per_func, total = self.reward(rep_prompts, ro.completions, **columns)
         advantages, std_zero = self.grpo.advantages(total.to(self.device))
         mask = ro.completion_mask
@@ -121,7 +155,7 @@ class EnigmaModule(L.LightningModule):
             if self.grpo.num_iterations > 1:
                 buf["old_logps"] = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
                                                    ro.completion_mask, self.sampling.temperature,
-                                                   num_generations=self.grpo.num_generations)[0]
+                                                   num_generations=self.per_prompt)[0]
             if self.reference is not None or self.uses_adapter_reference:
                 t0 = time.perf_counter()
                 buf["ref_logps"], buf["ref_hidden"] = self._reference_forward(ro)
@@ -139,11 +173,18 @@ class EnigmaModule(L.LightningModule):
         if self._buffer is None or self.global_step % self.grpo.num_iterations == 0:
             self._buffer = self._new_rollout(batch)
         buf, ro = self._buffer, self._buffer["ro"]
-        logps, hidden = self._forward(self.policy, ro)
+        extras: dict[str, Any] = {"max_completion_length": self.sampling.max_new_tokens, "step": self.global_step,
+                                  "ref_hidden": buf["ref_hidden"],
+                                  "num_questions": ro.prompt_ids.size(0) // self.grpo.num_generations}
+        if self.sami is not None and self.sami.critic == "logprob":
+            logps, hidden, extras["sami_scores"] = self._sami_forward(ro)
+        else:
+            logps, hidden = self._forward(self.policy, ro)
+        if self.sami is not None and self.sami.critic == "encoder":
+            extras["variant_embeddings"] = self.variant_embeddings
+        extras["hidden"] = hidden
         inputs = StepInputs(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, buf["mask"], buf["advantages"], logps,
-                            old_logps=buf["old_logps"], ref_logps=buf["ref_logps"],
-                            extras={"max_completion_length": self.sampling.max_new_tokens, "hidden": hidden,
-                                    "ref_hidden": buf["ref_hidden"], "step": self.global_step})
+                            old_logps=buf["old_logps"], ref_logps=buf["ref_logps"], extras=extras)
         total = logps.new_zeros(())
         metrics: dict[str, Any] = {}
         self.last_timings = {"generation": buf["gen_time"], "reference": buf["ref_time"]}

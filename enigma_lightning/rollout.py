@@ -93,8 +93,7 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     less prompt compute and activation memory. Falls back to the plain forward when rows differ or under gradient
     checkpointing (which disables the cache).
     """
-    if num_generations > 1 and _groups_share_prompt(prompt_ids, num_generations) and not getattr(
-            model, "is_gradient_checkpointing", False):
+    if num_generations > 1 and _groups_share_prompt(prompt_ids, num_generations) and not checkpointing(model):
         return _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
                                     output_hidden_states, num_generations)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -105,6 +104,13 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     logits = out.logits[:, :-1, :].float() / temperature  # [B, T, V]
     logps = selective_log_softmax(logits, completion_ids)
     return logps, (out.hidden_states if output_hidden_states else None)
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on; it disables the KV cache in training."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 def _groups_share_prompt(prompt_ids: Tensor, g: int) -> bool:

@@ -58,6 +58,23 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 p.append(f"loss.{name} is not a loss term (no _target_). Remove it, or add conf/loss/{name}.yaml "
                          "and select it with loss=[grpo,...]")
 
+    if isinstance(loss, DictConfig) and "sami" in loss:
+        k = _get(cfg, "sami.num_variants")
+        available = sum(bool(str(_get(cfg, key, "") or "").strip()) for key in ("principles.text", "principles.antithesis"))
+        available += len(_get(cfg, "principles.variants") or [])
+        if not isinstance(k, int) or k < 2:
+            p.append(f"sami.num_variants must be >= 2 (InfoNCE contrasts variants); got {k}. Set sami.num_variants=2")
+        elif k > available:
+            p.append(f"sami.num_variants={k} but principles={_get(cfg, 'principles.name')} has {available} variants "
+                     f"(text, antithesis, variants). Set sami.num_variants={available} or add principles.variants")
+        elif isinstance(g, int) and g % k:
+            p.append(f"grpo.num_generations={g} must be a multiple of sami.num_variants={k} (each variant gets "
+                     f"G / K completions). Set grpo.num_generations={max(k, g // k * k)}")
+        if _get(cfg, "sami.critic") not in ("logprob", "encoder"):
+            p.append(f"sami.critic must be logprob or encoder; got {_get(cfg, 'sami.critic')!r}")
+        elif _get(cfg, "sami.critic") == "encoder" and not _get(cfg, "encoder"):
+            p.append("sami.critic=encoder needs the principle encoder. Set encoder=minilm or sami.critic=logprob")
+
     t = _get(cfg, "rollout.temperature")
     if not isinstance(t, int | float) or t <= 0:
         p.append(f"rollout.temperature must be > 0 (GRPO samples); got {t}. Set rollout.temperature=0.9")
