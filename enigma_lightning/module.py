@@ -71,7 +71,6 @@ class EnigmaModule(L.LightningModule):
         self.uses_adapter_reference = needs_ref and lora is not None
         self.encoder = encoder
         # SAMI: each question's G completions are generated under K principle variants (G = K * m)
-        self.sami = terms.get("sami")
         self.num_variants = self.sami.num_variants if self.sami is not None else 1
         self.variants = principles.all_variants()[: self.num_variants] if self.sami is not None else [principles.text]
         if self.sami is not None:
@@ -83,6 +82,11 @@ class EnigmaModule(L.LightningModule):
         self.last_completion_tokens = 0
         self.last_timings: dict[str, float] = {}
         self.val_best: float | None = None
+
+    @property
+    def sami(self):
+        """The SAMI term, if selected (registered once, under ``term_modules``)."""
+        return self.terms.get("sami")
 
     # ---- prompts and rollout -------------------------------------------------------------------------------------
     def render(self, questions: list[str], variants: list[str] | None = None) -> list[str]:
@@ -100,7 +104,8 @@ class EnigmaModule(L.LightningModule):
         torch.manual_seed(s)
         random.seed(s)
 
-    def _forward(self, model, ro, rows: torch.Tensor | None = None, num_generations: int | None = None):
+    def _forward(self, model, ro, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 num_generations: int | None = None):
         """Completion log-probs and, when a term reads them, {layer: completion-token hidden states [B, T, D]}.
         ``rows`` optionally gives (prompt rows, completion rows) to pair; prompts repeat ``num_generations`` times."""
         p_rows, c_rows = rows if rows is not None else (slice(None), slice(None))

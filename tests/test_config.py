@@ -89,10 +89,8 @@ def test_model_override_accepts_hub_ids_and_folders():
 
 
 def test_bad_config_exits_with_message(tmp_path):
-    import subprocess
-    import sys
+    from helpers import run_cli
 
-    r = subprocess.run([sys.executable, "-m", "enigma_lightning.train", "experiment=smoke", "grpo.num_generations=1",
-                        f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    r = run_cli("enigma_lightning.train", "experiment=smoke", "grpo.num_generations=1", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2
     assert "grpo.num_generations must be >= 2" in r.stderr and "Traceback" not in r.stderr

@@ -152,3 +152,17 @@ def test_ot_pulls_the_policy_geometry_back_and_weight_zero_only_monitors(make_cf
     trainer = _fit(monitor, instantiate(cfg.data), tmp_path / "c", 2)
     assert float(trainer.callback_metrics["train/ot/divergence"]) > 0
     assert all(torch.equal(v, before[k]) for k, v in monitor.policy.state_dict().items())  # no signal, no update
+
+
+def test_multirun_sweeps_epsilon(tmp_path):
+    from helpers import run_cli
+
+    sweep = tmp_path / "sweep"
+    r = run_cli("enigma_lightning.train", "--multirun", "experiment=smoke", "loss=[grpo,ot]", "ot.epsilon=0.01,0.1",
+                "trainer.max_steps=2", "callbacks.checkpoint=null", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
+    assert [p.name for p in jobs] == ["0", "1"]
+    from omegaconf import OmegaConf
+
+    assert sorted(OmegaConf.load(p / "config.yaml").ot.epsilon for p in jobs) == [0.01, 0.1]

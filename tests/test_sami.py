@@ -2,13 +2,12 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_cli
 from hydra.utils import instantiate
 
 from enigma_lightning.metrics.infonce import infonce_metrics, symmetric_infonce
@@ -136,9 +135,8 @@ def test_sami_config_errors(make_cfg):
 
 def test_si_command_offline_on_tiny_model(tmp_path):
     out = tmp_path / "si"
-    r = subprocess.run([sys.executable, "-m", "enigma_lightning.si", "model=tiny", "sets=[high_si,low_si]",
-                        "num_questions=4", "rollout.max_new_tokens=8", "bootstrap=50", "wandb_mode=offline",
-                        f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=300)
+    r = run_cli("enigma_lightning.si", "model=tiny", "sets=[high_si,low_si]", "num_questions=4",
+                "rollout.max_new_tokens=8", "bootstrap=50", "wandb_mode=offline", f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("si_table.md", "si_table.csv", "si_bar.png", "si_high_si.json", "si_low_si.json"):
         assert (out / name).exists(), name
@@ -149,9 +147,14 @@ def test_si_command_offline_on_tiny_model(tmp_path):
 
 def test_si_multirun_writes_the_ranking(tmp_path):
     sweep = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "enigma_lightning.si", "--multirun", "model=tiny",
-                        "principles=high_si,low_si", "num_questions=2", "rollout.max_new_tokens=6", "bootstrap=20",
-                        "wandb_mode=disabled", f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, timeout=300)
+    r = run_cli("enigma_lightning.si", "--multirun", "model=tiny", "principles=high_si,low_si", "num_questions=2",
+                "rollout.max_new_tokens=6", "bootstrap=20", "wandb_mode=disabled", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr[-2000:]
     table = (sweep / "si_table.md").read_text()
     assert "| high_si |" in table and "| low_si |" in table and (sweep / "si_bar.png").exists()
+
+
+def test_sami_projection_saved_once(make_cfg):
+    module, _ = _module(make_cfg, "loss=[grpo,sami]", "sami.critic=encoder")
+    keys = [k for k in module.state_dict() if "projection" in k]
+    assert keys == ["term_modules.sami.projection.weight", "term_modules.sami.projection.bias"]

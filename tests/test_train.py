@@ -142,8 +142,8 @@ def test_lora_trains_adapter_only(make_cfg, tmp_path):
 def test_hub_path_with_local_folders_through_the_cli(tiny_dir, tmp_path):
     """`model=<id or folder> data=cot_collection data.path=<id or folder>`: a local folder stands in for hub ids."""
     import shutil
-    import subprocess
-    import sys
+
+    from helpers import run_cli
 
     from enigma_lightning.data import bundled_path
 
@@ -151,9 +151,8 @@ def test_hub_path_with_local_folders_through_the_cli(tiny_dir, tmp_path):
     data.mkdir()
     shutil.copy(bundled_path("eval"), data / "train.jsonl")
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "enigma_lightning.train", "experiment=smoke", f"model={tiny_dir}",
-                        "data=cot_collection", f"data.path={data}", "data.val_size=8", "trainer.max_steps=2",
-                        f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=300)
+    r = run_cli("enigma_lightning.train", "experiment=smoke", f"model={tiny_dir}", "data=cot_collection",
+                f"data.path={data}", "data.val_size=8", "trainer.max_steps=2", f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = (out / "config.yaml").read_text()
     assert f"name_or_path: {tiny_dir}" in cfg and f"path: {data}" in cfg and "limit: 20000" in cfg
