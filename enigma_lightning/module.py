@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .encoder import PrincipleEncoder
-from .losses import GRPOLoss, LossTerm, StepInputs
+from .losses import GRPOLoss, LossTerm, StepInputs, nanstd
 from .models import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokenizer
 from .principles import PrincipleSet
 from .prompts import PromptTemplate
@@ -213,7 +213,7 @@ class EnigmaModule(L.LightningModule):
         lengths = ro.lengths.float()
         m = {
             "train/reward/mean": torch.nanmean(rewards).item(),
-            "train/reward/std": torch.nan_to_num(rewards).std().item() if rewards.numel() > 1 else 0.0,
+            "train/reward/std": nanstd(rewards).item() if rewards.numel() > 1 else 0.0,  # unscorable rows ignored
             "train/reward/frac_zero_std": buf["std_zero"].float().mean().item(),
             "train/advantages/abs_mean": buf["advantages"].abs().mean().item(),
             "train/format/strict_rate": sum(is_strict(c) for c in ro.completions) / len(ro.completions),

@@ -1,7 +1,7 @@
 """Sufficiency Index of principle sets, on the base model, before training.
 
     python -m enigma_lightning.si principles=high_si                      # one set
-    python -m enigma_lightning.si sets=[high_si,low_si,default]           # rank several in one process
+    python -m enigma_lightning.si "sets=[high_si,low_si,default]"         # rank several in one process
     python -m enigma_lightning.si --multirun principles=high_si,low_si    # one job per set, table at the end
 
 For a set with K variants and N held-out questions, one chain of thought is generated per (question, variant), then
