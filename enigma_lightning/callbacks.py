@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,13 @@ class FinalCheckpoint(L.Callback):
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar without the logger's version tag: shows step, reward and format rate."""
+    """Lightning's progress bar without the logger's version tag: shows step, reward and format rate. Honours
+    tqdm's ``TQDM_DISABLE=1`` (Lightning's own bar ignores it)."""
+
+    def __init__(self, refresh_rate: int = 1, **kwargs):
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+        if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+            self.disable()
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)

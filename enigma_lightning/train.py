@@ -50,6 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.loggers import WandbLogger
 
     from .validate import validate
 
@@ -63,8 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v]
     callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
-    for lg in loggers:
-        if hasattr(lg, "log_hyperparams"):
+    for lg in loggers:  # the run folder already has config.yaml; W&B gets the resolved config as its run config
+        if isinstance(lg, WandbLogger):
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     summary_path = out / "summary.json"
