@@ -158,9 +158,7 @@ class EnigmaModule(L.LightningModule):
                    ref_hidden={}, ref_time=0.0)
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
-                buf["old_logps"] = per_token_logps(self.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
-                                                   ro.completion_mask, self.sampling.temperature,
-                                                   num_generations=self.per_prompt)[0]
+                buf["old_logps"] = self._forward(self.policy, ro)[0]
             if self.reference is not None or self.uses_adapter_reference:
                 t0 = time.perf_counter()
                 buf["ref_logps"], buf["ref_hidden"] = self._reference_forward(ro)
@@ -199,7 +197,7 @@ class EnigmaModule(L.LightningModule):
             self.last_timings[name] = time.perf_counter() - t0
             total = total + term.weight * loss
             metrics[f"train/{name}/loss"] = loss.detach()
-            metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items() if k != "time"})
+            metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items()})
         metrics["train/loss"] = total.detach()
         metrics.update(self._rollout_metrics(buf))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=logps.size(0))

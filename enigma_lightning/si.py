@@ -28,7 +28,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .metrics.infonce import _ce_diag, infonce_metrics
+from .metrics.infonce import infonce_metrics, per_matrix_infonce
 from .rollout import generate, per_token_logps
 
 
@@ -67,7 +67,7 @@ def summarize(scores: torch.Tensor, bootstrap: int = 1000, ci: float = 0.95, see
     """SI and friends from [N, K, K] scores, with a bootstrap CI of SI over questions."""
     k = scores.size(-1)
     m = {key: float(v) for key, v in infonce_metrics(scores).items()}
-    per_q = ((_ce_diag(scores).mean(-1) + _ce_diag(scores.transpose(-1, -2)).mean(-1)) / 2).double()  # [N]
+    per_q = per_matrix_infonce(scores).double()  # [N]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, per_q.numel(), (bootstrap, per_q.numel()), generator=g)
     si_b = (math.log(k) - per_q[idx].mean(1)) / math.log(k)

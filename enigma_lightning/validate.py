@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from .data import check_data_source
 from .errors import ConfigError
 from .losses.grpo import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from .losses.sami import CRITICS
 from .models import is_local_path
+from .principles import PrincipleSet
 
 
 def _get(cfg: DictConfig, key: str, default=None):
@@ -60,8 +62,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
     if isinstance(loss, DictConfig) and "sami" in loss:
         k = _get(cfg, "sami.num_variants")
-        available = sum(bool(str(_get(cfg, key, "") or "").strip()) for key in ("principles.text", "principles.antithesis"))
-        available += len(_get(cfg, "principles.variants") or [])
+        available = len(PrincipleSet(**{k: v for k, v in cfg.principles.items() if k != "_target_"}).all_variants())
         if not isinstance(k, int) or k < 2:
             p.append(f"sami.num_variants must be >= 2 (InfoNCE contrasts variants); got {k}. Set sami.num_variants=2")
         elif k > available:
@@ -70,8 +71,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
         elif isinstance(g, int) and g % k:
             p.append(f"grpo.num_generations={g} must be a multiple of sami.num_variants={k} (each variant gets "
                      f"G / K completions). Set grpo.num_generations={max(k, g // k * k)}")
-        if _get(cfg, "sami.critic") not in ("logprob", "encoder"):
-            p.append(f"sami.critic must be logprob or encoder; got {_get(cfg, 'sami.critic')!r}")
+        if _get(cfg, "sami.critic") not in CRITICS:
+            p.append(f"sami.critic must be one of {list(CRITICS)}; got {_get(cfg, 'sami.critic')!r}. "
+                     "Set sami.critic=logprob")
         elif _get(cfg, "sami.critic") == "encoder" and not _get(cfg, "encoder"):
             p.append("sami.critic=encoder needs the principle encoder. Set encoder=minilm or sami.critic=logprob")
 

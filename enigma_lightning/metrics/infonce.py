@@ -21,11 +21,16 @@ def _ce_diag(logits: Tensor) -> Tensor:
     return -torch.diagonal(torch.log_softmax(logits, dim=-1), dim1=-2, dim2=-1)
 
 
-def symmetric_infonce(scores: Tensor) -> Tensor:
-    """Mean over leading dims of (row CE + column CE) / 2 for scores [..., K, K]."""
+def per_matrix_infonce(scores: Tensor) -> Tensor:
+    """(row CE + column CE) / 2 of each matrix in scores [..., K, K]: shape [...]."""
     row = _ce_diag(scores).mean(-1)
     col = _ce_diag(scores.transpose(-1, -2)).mean(-1)
-    return ((row + col) / 2).mean()
+    return (row + col) / 2
+
+
+def symmetric_infonce(scores: Tensor) -> Tensor:
+    """The SAMI loss: mean of :func:`per_matrix_infonce` over all matrices."""
+    return per_matrix_infonce(scores).mean()
 
 
 def infonce_metrics(scores: Tensor) -> dict[str, Tensor]:
