@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
+import logging
 import os
+import sys
 
 
 def config_options(group: str) -> set[str]:
@@ -31,3 +34,23 @@ def offline_defaults() -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """A user error (:class:`EnigmaError`) is printed plainly, without a traceback, and exits with status 2."""
+    from .errors import EnigmaError
+
+    try:
+        yield
+    except EnigmaError as e:
+        logging.getLogger("enigma_lightning").error("%s", e)
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def entry_point(main) -> None:
+    """Run a Hydra ``main``: offline defaults, ``model=<hub id or folder>`` rewritten."""
+    offline_defaults()
+    sys.argv = [sys.argv[0], *rewrite_model_override(sys.argv[1:])]
+    main()

@@ -29,3 +29,18 @@ def wandb_logger(save_dir: str, project: str, mode: str = "auto", **kwargs: Any)
     offline = mode == "offline" or (mode == "auto" and (os.environ.get("WANDB_MODE") == "offline"
                                                           or not wandb_has_credentials()))
     return WandbLogger(save_dir=save_dir, project=project, offline=offline, **kwargs)
+
+
+def wandb_run(cfg, out_dir: Path, job_type: str):
+    """A W&B run for a command (si, evaluate, probe): ``cfg.wandb_mode`` auto | online | offline | disabled
+    (None when disabled); the composed config is the run config."""
+    if cfg.wandb_mode == "disabled":
+        return None
+    import wandb
+    from omegaconf import OmegaConf
+
+    mode = cfg.wandb_mode
+    if mode == "auto":
+        mode = "online" if wandb_has_credentials() and os.environ.get("WANDB_MODE") != "offline" else "offline"
+    return wandb.init(project=cfg.wandb_project, dir=str(out_dir), mode=mode, job_type=job_type,
+                      config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")

@@ -111,15 +111,13 @@ def write_table(results: list[dict[str, Any]], out_dir: Path) -> Path:
 
 
 def _log_wandb(cfg: DictConfig, out_dir: Path, results: list[dict], table: bool) -> None:
-    if cfg.wandb_mode == "disabled":
+    from .loggers import wandb_run
+
+    run = wandb_run(cfg, out_dir, "si")
+    if run is None:
         return
     import wandb
 
-    from .loggers import wandb_has_credentials
-
-    mode = cfg.wandb_mode if cfg.wandb_mode != "auto" else ("online" if wandb_has_credentials() else "offline")
-    run = wandb.init(project=cfg.wandb_project, dir=str(out_dir), mode=mode, job_type="si",
-                     config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
     for r in results:
         run.summary.update({f"si/{r['set']}/{k}": v for k, v in r.items() if isinstance(v, int | float)})
     if table:
@@ -188,7 +186,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import offline_defaults
+    from .cli import entry_point
 
-    offline_defaults()
-    main()
+    entry_point(main)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,10 +9,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .cli import offline_defaults, rewrite_model_override
-from .errors import EnigmaError
-
-log = logging.getLogger(__name__)
+from .cli import entry_point, exit_on_user_error
 
 # OnExceptionCheckpoint makes Lightning look for a `last` checkpoint to resume from when ckpt_path is None; in a
 # fresh run folder there is none, and the two warnings it prints about that are noise.
@@ -74,18 +69,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         run(cfg)
-    except EnigmaError as e:  # a user error: print it plainly, no traceback
-        log.error("%s", e)
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main() -> None:
-    offline_defaults()
-    sys.argv = [sys.argv[0], *rewrite_model_override(sys.argv[1:])]
-    _hydra_main()
+    entry_point(_hydra_main)
 
 
 if __name__ == "__main__":
