@@ -1,3 +1,7 @@
 """enigma-lightning: ENIGMA (GRPO + SAMI InfoNCE + Sinkhorn OT) on PyTorch Lightning with Hydra."""
 
 __version__ = "0.1.0"
+
+from .resolvers import register as _register_resolvers
+
+_register_resolvers()

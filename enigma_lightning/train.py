@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .cli import entry_point, exit_on_user_error
+
+log = logging.getLogger(__name__)
 
 # OnExceptionCheckpoint makes Lightning look for a `last` checkpoint to resume from when ckpt_path is None; in a
 # fresh run folder there is none, and the two warnings it prints about that are noise.
@@ -40,18 +43,32 @@ def build_module(cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one configuration; returns the run summary."""
+    """Train one configuration; returns the run summary. Under ``resume=auto`` a finished job folder is skipped and
+    an interrupted one resumes from its newest checkpoint (see :mod:`.sweeps`)."""
     import json
 
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import WandbLogger
 
+    from .sweeps import hydra_info, plan
     from .validate import validate
 
     validate(cfg)
     out = Path(cfg.paths.output_dir)
+    summary_path = out / "summary.json"
+    action, ckpt_path = plan(cfg, out)
+    if action == "skip":
+        print(f"{out}: already {json.loads(summary_path.read_text())['status']}; skipped (resume=never retrains)")
+        return json.loads(summary_path.read_text())
+    if action == "resume":
+        print(f"{out}: resuming from {ckpt_path}")
     out.mkdir(parents=True, exist_ok=True)
+    sweep = hydra_info()
+    if sweep is not None:  # one W&B group per sweep; the swept values as flat config keys
+        (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+        if cfg.get("logger") and cfg.logger.get("wandb") and not cfg.logger.wandb.get("group"):
+            cfg.logger.wandb.group = sweep["sweep"]
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -61,16 +78,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
     for lg in loggers:  # the run folder already has config.yaml; W&B gets the resolved config as its run config
         if isinstance(lg, WandbLogger):
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    summary_path = out / "summary.json"
+            params = OmegaConf.to_container(cfg, resolve=True)
+            if sweep is not None:
+                params.update({"sweep": sweep["sweep"], "sweep_job": sweep["job"],
+                               **{f"swept/{k}": v for k, v in sweep["overrides"].items()}})
+            lg.log_hyperparams(params)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:  # close this job's W&B run: the next job of a sweep in this process must start its own
+        if any(isinstance(lg, WandbLogger) and lg._experiment is not None for lg in loggers):
+            import wandb
+
+            wandb.finish(exit_code=0 if summary_path.exists() and
+                         json.loads(summary_path.read_text()).get("status") == "finished" else 1)
     return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
 
 @hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        run(cfg)
+def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
+    from .sweeps import hydra_info, record_failure
+
+    if hydra_info() is None:
+        with exit_on_user_error():
+            return run(cfg)
+    # In a sweep one failing job must not stop the others: its error is recorded in its folder (error.txt,
+    # summary.json) for the report, and the sweep goes on; the sweep's exit status says a job failed.
+    try:
+        return run(cfg)
+    except Exception as e:
+        log.exception("job failed: %s", e)
+        record_failure(Path(cfg.paths.output_dir), e)
+        return {"status": f"failed: {type(e).__name__}: {e}"}
 
 
 def main() -> None:

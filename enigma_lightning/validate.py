@@ -102,6 +102,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     elif is_local_path(name) and not Path(name).expanduser().exists():
         p.append(f"model.name_or_path: folder {name!r} does not exist. Point it at a saved checkpoint folder or a hub id")
 
+    if _get(cfg, "resume", "auto") not in ("auto", "never"):
+        p.append(f"resume must be auto or never; got {_get(cfg, 'resume')!r}. Set resume=auto")
     ckpt = _get(cfg, "ckpt_path")
     if ckpt and not Path(str(ckpt)).expanduser().exists():
         p.append(f"ckpt_path: file {ckpt!r} does not exist. Use <run dir>/checkpoints/last.ckpt, or ckpt_path=null")

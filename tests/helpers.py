@@ -17,3 +17,45 @@ def run_cli(module, *args, timeout=600):
 
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _wandb_log_records(data: bytes):
+    """Payloads of a .wandb file: a LevelDB-style log (7-byte file header, 32 KiB blocks, records with a 7-byte
+    header: crc32, little-endian length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4)."""
+    import struct
+
+    block, pos, parts = 32768, 7, []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer: padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        parts.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            yield b"".join(parts)
+            parts = []
+
+
+def wandb_offline_run(run_dir):
+    """(group, config) of an offline W&B run folder, read from its .wandb log with W&B's protobuf schema."""
+    import json
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("*.wandb")
+    group, config = None, {}
+    for data in _wandb_log_records(path.read_bytes()):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            group = rec.run.run_group
+            config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+    return group, config

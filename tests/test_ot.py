@@ -154,15 +154,30 @@ def test_ot_pulls_the_policy_geometry_back_and_weight_zero_only_monitors(make_cf
     assert all(torch.equal(v, before[k]) for k, v in monitor.policy.state_dict().items())  # no signal, no update
 
 
-def test_multirun_sweeps_epsilon(tmp_path):
-    from helpers import run_cli
+def test_multirun_sweeps_epsilon_and_reports(tmp_path):
+    import csv
+    import json
+
+    from helpers import run_cli, wandb_offline_run
+    from omegaconf import OmegaConf
 
     sweep = tmp_path / "sweep"
     r = run_cli("enigma_lightning.train", "--multirun", "experiment=smoke", "loss=[grpo,ot]", "ot.epsilon=0.01,0.1",
-                "trainer.max_steps=2", "callbacks.checkpoint=null", f"hydra.sweep.dir={sweep}")
+                "trainer.max_steps=2", "callbacks.checkpoint=null", "logger=wandb", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
     assert [p.name for p in jobs] == ["0", "1"]
-    from omegaconf import OmegaConf
-
-    assert sorted(OmegaConf.load(p / "config.yaml").ot.epsilon for p in jobs) == [0.01, 0.1]
+    cfgs = [OmegaConf.load(p / "config.yaml") for p in jobs]
+    assert sorted(c.ot.epsilon for c in cfgs) == [0.01, 0.1]
+    # one W&B group per sweep, the swept value as a flat config key
+    assert {c.logger.wandb.group for c in cfgs} == {"/".join(sweep.parts[-2:])}
+    assert json.loads((jobs[1] / "sweep.json").read_text())["overrides"] == {"ot.epsilon": 0.1}
+    runs = [wandb_offline_run(next((p / "wandb").glob("offline-run-*"))) for p in jobs]  # one W&B run per job
+    assert [group for group, _ in runs] == ["/".join(sweep.parts[-2:])] * 2
+    assert [c["swept/ot.epsilon"] for _, c in runs] == [0.01, 0.1] and runs[1][1]["sweep_job"] == 1
+    # the report, written at the end of the sweep: one row per job, with the swept value
+    with open(sweep / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["ot.epsilon"], r["status"]) for r in rows] == [("0", "0.01", "finished"), ("1", "0.1", "finished")]
+    assert all(float(r["ot_divergence"]) > -1e-6 for r in rows)  # debiased: 0 up to float error at step 0
+    assert (sweep / "curves.png").exists() and (sweep / "by_ot.epsilon.png").exists()

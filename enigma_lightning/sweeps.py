@@ -1,0 +1,117 @@
+"""What a job knows about the sweep it belongs to, and how a job resumes or reports its failure.
+
+Re-running a sweep into the same folder (``hydra.sweep.dir=multirun/<date>/<time>``) with ``resume=auto`` (the
+default): Hydra numbers jobs by their position in the sweep, so job ``<n>`` finds its own folder again; a job whose
+``summary.json`` says ``finished`` is skipped (its summary is returned as it is), a job with a checkpoint
+(``checkpoints/interrupted.ckpt`` or ``checkpoints/last.ckpt``, the newer one) resumes from it, any other job
+starts afresh. ``resume=never`` retrains every job; ``rerun_failed=false`` leaves failed jobs failed.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+RESUME_MODES = ("auto", "never")
+
+
+def hydra_info() -> dict[str, Any] | None:
+    """Under ``--multirun``: {"sweep": <sweep dir name>, "job": <n>, "overrides": {key: value}} of the swept keys.
+    None for a single run (or outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(hc.sweep.dir)
+    swept = swept_keys(sweep_dir)
+    overrides = {}
+    for o in hc.overrides.task:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in swept:
+            overrides[key] = _typed(value)
+    return {"sweep": "/".join(sweep_dir.parts[-2:]), "sweep_dir": str(sweep_dir), "job": hc.job.num,
+            "overrides": overrides}
+
+
+def _typed(value: str):
+    """A swept value as a number or bool when it reads as one (W&B can then plot against it), else the text."""
+    import yaml
+
+    try:
+        v = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return v if isinstance(v, int | float | bool) else value
+
+
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """Keys that vary across a sweep, from the sweep's ``multirun.yaml`` (written by Hydra before the jobs start):
+    the command line's sweep overrides (``a=1,2``, ranges, globs) and the sweeper's params (presets such as
+    ``experiment=ablation``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.exists():
+        return set()
+    hydra_cfg = OmegaConf.load(path).hydra
+    params = hydra_cfg.sweeper.get("params") or {}
+    candidates = [*hydra_cfg.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+    parser, swept = OverridesParser.create(), set()
+    for text in candidates:
+        try:
+            (o,) = parser.parse_overrides([str(text)])
+        except Exception:  # not an override this parser reads: not a sweep either
+            continue
+        if o.is_sweep_override():
+            swept.add(o.key_or_group.lstrip("+~"))
+    return swept
+
+
+def previous_outcome(out: Path) -> str | None:
+    """``finished``, ``failed`` or None (never ran / still running / killed) from a job folder's summary.json."""
+    p = out / "summary.json"
+    if not p.exists():
+        return None
+    status = str(json.loads(p.read_text()).get("status", ""))
+    return "finished" if status == "finished" else "failed" if status.startswith("failed") else None
+
+
+def resume_checkpoint(out: Path) -> str | None:
+    """The newer of ``checkpoints/interrupted.ckpt`` and ``checkpoints/last.ckpt`` in a job folder, if any."""
+    found = [p for p in (out / "checkpoints" / "interrupted.ckpt", out / "checkpoints" / "last.ckpt") if p.exists()]
+    return str(max(found, key=lambda p: p.stat().st_mtime).resolve()) if found else None
+
+
+def record_failure(out: Path, exc: BaseException) -> None:
+    """``error.txt`` (the traceback) and a failed ``summary.json`` unless the trainer already wrote one."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    summary = out / "summary.json"
+    if previous_outcome(out) != "failed":
+        data = json.loads(summary.read_text()) if summary.exists() else {}
+        data["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        summary.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def plan(cfg: DictConfig, out: Path) -> tuple[str, str | None]:
+    """("skip" | "resume" | "fresh", checkpoint) for a job folder under ``cfg.resume``."""
+    if cfg.get("resume", "auto") == "never" or cfg.get("ckpt_path"):
+        return "fresh", cfg.get("ckpt_path")
+    outcome = previous_outcome(out)
+    if outcome == "finished":
+        return "skip", None
+    if outcome == "failed" and not cfg.get("rerun_failed", True):
+        return "skip", None
+    ckpt = resume_checkpoint(out)
+    return ("resume", ckpt) if ckpt else ("fresh", None)

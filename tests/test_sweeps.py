@@ -1,0 +1,105 @@
+"""Sweeps: a failing job does not stop the others and is reported; re-running a sweep skips finished jobs;
+launcher and trainer presets compose; the report on hand-made sweep folders."""
+
+import csv
+import json
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from enigma_lightning.report import report
+
+
+def test_failed_job_is_reported_and_a_rerun_skips_finished_jobs(tmp_path):
+    from helpers import run_cli
+
+    sweep = tmp_path / "sweep"
+    args = ["--multirun", "experiment=smoke", "grpo.num_generations=4,3", "trainer.max_steps=1",
+            "callbacks.checkpoint=null", f"hydra.sweep.dir={sweep}"]
+    r = run_cli("enigma_lightning.train", *args)
+    assert r.returncode != 0 and "1 of 2 jobs did not finish" in r.stderr, r.stderr[-3000:]
+    with open(sweep / "report.csv") as f:
+        rows = {row["job"]: row for row in csv.DictReader(f)}
+    assert rows["0"]["status"] == "finished" and rows["0"]["grpo.num_generations"] == "4"
+    assert rows["1"]["status"] == "failed" and "grpo.num_generations=3" in rows["1"]["error"]
+    assert "data.batch_size" in (sweep / "1" / "error.txt").read_text()
+    assert "Jobs that did not finish" in (sweep / "report.md").read_text()
+    mtime = (sweep / "0" / "summary.json").stat().st_mtime
+
+    again = run_cli("enigma_lightning.train", *args)
+    assert "already finished; skipped" in again.stdout + again.stderr
+    assert (sweep / "0" / "summary.json").stat().st_mtime == mtime  # not retrained
+
+
+def _job(sweep, num, overrides, summary=None, error=None, metrics=None, principles="default"):
+    d = sweep / str(num)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (d / "config.yaml").write_text(f"principles:\n  name: {principles}\n")
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+    if error:
+        (d / "error.txt").write_text(f"Traceback (most recent call last):\n  ...\n{error}\n")
+    if metrics:
+        with open(d / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "train/reward/mean", "train/format/strict_rate"])
+            w.writeheader()
+            w.writerows(metrics)
+
+
+def _summary(reward, acc):
+    return {"status": "finished", "global_step": 3, "final": {"val/accuracy": acc},
+            "trends": {"train/reward/mean": {"end_mean": reward}}}
+
+
+def test_report_on_a_sweep_folder_with_failed_and_unfinished_jobs(tmp_path):
+    sweep = tmp_path / "multirun" / "2026-01-01" / "00-00-00"
+    curve = [{"step": i, "train/reward/mean": 0.1 * i, "train/format/strict_rate": 0.2 * i} for i in range(3)]
+    _job(sweep, 0, ["principles=high_si", "trainer.max_steps=3"], _summary(0.9, 0.5), metrics=curve,
+         principles="high_si")
+    _job(sweep, 1, ["principles=low_si", "trainer.max_steps=3"], _summary(0.4, 0.25), metrics=curve,
+         principles="low_si")
+    _job(sweep, 2, ["principles=default", "trainer.max_steps=3"], {"status": "failed: RuntimeError: boom"},
+         error="RuntimeError: boom")
+    _job(sweep, 10, ["principles=harmless", "trainer.max_steps=3"])  # killed before any summary
+    (sweep / "si_table.csv").write_text("set,si\nhigh_si,0.007\nlow_si,0.0003\n")
+    result = report(sweep)
+    rows = result["rows"]
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]  # numeric job order
+    assert [r["status"] for r in rows] == ["finished", "finished", "failed", "incomplete"]
+    assert rows[2]["error"] == "RuntimeError: boom" and rows[0]["val_accuracy"] == 0.5
+    assert result["failed"] == 2
+    # no multirun.yaml: the overrides that differ across jobs are the swept ones
+    assert result["swept"] == ["principles"]
+    md = (sweep / "report.md").read_text()
+    assert md.count("\n| ") == 4 and "RuntimeError: boom" in md  # one row per job
+    for name in ("curves.png", "by_principles.png", "si_vs_score.png", "report.csv"):
+        assert (sweep / name).stat().st_size > 0, name
+
+
+def test_report_cli_errors(tmp_path):
+    from helpers import run_cli
+
+    r = run_cli("enigma_lightning.report", tmp_path / "nope")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_cli("enigma_lightning.report", tmp_path)
+    assert r.returncode == 2 and "no job folders" in r.stderr
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm", "slurm"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "fsdp"])
+def test_launcher_and_trainer_presets_compose(launcher, trainer):
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", f"trainer={trainer}", "trainer.devices=2"],
+                      return_hydra_config=True)
+    launcher_cfg = cfg.hydra.launcher
+    assert launcher_cfg._target_
+    if launcher == "slurm":
+        assert launcher_cfg.gpus_per_node == (2 if trainer != "cpu" and trainer != "ddp_cpu" else 0)
+        assert launcher_cfg.tasks_per_node == 2
+
+
+def test_ablation_preset_sweeps_the_loss_terms():
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=ablation"], return_hydra_config=True)
+    assert dict(cfg.hydra.sweeper.params) == {"loss": "grpo,[grpo,sami],[grpo,ot],full"}
