@@ -93,23 +93,31 @@ class RowDataset(Dataset):
 class StepBatchSampler(Sampler[list[int]]):
     """Infinite stream of batches; the batch of step ``k`` is a function of ``(seed, k)`` only.
 
-    Epoch ``e`` is a permutation seeded by ``seed + e``; ``start_step`` skips to a resumed step.
+    Epoch ``e`` is a permutation seeded by ``seed + e``; ``start_step`` skips to a resumed step. With
+    ``world_size`` ranks, step ``k`` draws ``batch_size * world_size`` prompts and rank ``r`` takes the ``r``-th
+    slice of ``batch_size``: whole prompts per rank, and the global batch is the one a single process would draw
+    with ``batch_size * world_size``.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, start_step: int = 0):
-        if num_rows < batch_size:
+    def __init__(self, num_rows: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        total = batch_size * world_size
+        if num_rows < total:
             raise DataError(
-                f"The training split has {num_rows} rows but one step needs {batch_size} prompts. "
-                "Lower data.batch_size or use more data (data.limit)."
+                f"The training split has {num_rows} rows but one step needs {total} prompts "
+                f"({batch_size} per rank x {world_size} ranks). Lower data.batch_size or use more data (data.limit)."
             )
         self.num_rows, self.batch_size, self.seed, self.start_step = num_rows, batch_size, seed, start_step
-        self.per_epoch = num_rows // batch_size
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = num_rows // total
 
     def batch(self, step: int) -> list[int]:
         epoch, j = divmod(step, self.per_epoch)
         perm = list(range(self.num_rows))
         random.Random(self.seed + epoch).shuffle(perm)
-        return perm[j * self.batch_size : (j + 1) * self.batch_size]
+        total = self.batch_size * self.world_size
+        start = j * total + self.rank * self.batch_size
+        return perm[start : start + self.batch_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         step = self.start_step
@@ -124,8 +132,10 @@ def collate(rows: list[dict]) -> dict[str, list]:
 
 
 class CoTDataModule(L.LightningDataModule):
-    """Prompts for GRPO. ``batch_size`` counts completions per step (as TRL's per-device batch does):
-    each step draws ``batch_size // num_generations`` prompts and samples ``num_generations`` completions each."""
+    """Prompts for GRPO. ``batch_size`` counts completions per step and per rank (as TRL's per-device batch does):
+    each step draws ``batch_size // num_generations`` prompts per rank and samples ``num_generations`` completions
+    each. Batches are drawn by :class:`StepBatchSampler`, which also splits them across ranks (the trainer presets
+    set ``use_distributed_sampler: false`` so Lightning leaves it alone)."""
 
     def __init__(
         self,
@@ -195,7 +205,9 @@ class CoTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         start = self.trainer.global_step if self.trainer is not None else self.start_step
-        sampler = StepBatchSampler(len(self.train_rows), self.prompts_per_step, self.seed, start_step=start)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        sampler = StepBatchSampler(len(self.train_rows), self.prompts_per_step, self.seed, start_step=start,
+                                   rank=rank, world_size=world)
         return DataLoader(
             RowDataset(self.train_rows), batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers
         )
@@ -203,7 +215,14 @@ class CoTDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.val_rows:
             return []
-        return DataLoader(RowDataset(self.val_rows), batch_size=self.val_batch_size, collate_fn=collate)
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:  # each rank validates its share
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(RowDataset(self.val_rows), num_replicas=self.trainer.world_size,
+                                         rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(RowDataset(self.val_rows), batch_size=self.val_batch_size, collate_fn=collate,
+                          sampler=sampler)
 
 
 def check_data_source(path: str) -> str | None:

@@ -28,7 +28,7 @@ from .models import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokeni
 from .principles import PrincipleSet
 from .prompts import PromptTemplate
 from .rewards import RewardModel, answers_match, extract_answer, is_strict
-from .rollout import SamplingConfig, generate, per_token_logps
+from .rollout import SamplingConfig, generate, per_token_logps, row_seeds
 
 FROZEN_PREFIXES = ("reference.", "encoder.")
 
@@ -143,8 +143,10 @@ class EnigmaModule(L.LightningModule):
         g = self.grpo.num_generations
         prompts = self.render(batch["source"], self.variants)  # (question, variant) order
         t0 = time.perf_counter()
+        seeds = row_seeds(self.seed, self.global_step, prompts, self.per_prompt) if self.sampling.seed_per_prompt \
+            else None
         ro = generate(self.policy, self.tokenizer, prompts, self.per_prompt, self.sampling,
-                      prefill=self.prompt.prefill)
+                      prefill=self.prompt.prefill, seeds=seeds, synced_gpus=self._sharded)
         gen_time = time.perf_counter() - t0
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
         rep_prompts = [p for p in prompts for _ in range(self.per_prompt)]
@@ -164,6 +166,31 @@ class EnigmaModule(L.LightningModule):
                 buf["ref_logps"], buf["ref_hidden"] = self._reference_forward(ro)
                 buf["ref_time"] = time.perf_counter() - t0
         return buf
+
+    # ---- distributed ---------------------------------------------------------------------------------------------
+    # Each prompt's G completions are generated, rewarded and normalised on one rank (the data module gives every
+    # rank whole prompts), so group advantages need no communication. What does: the dapo normaliser (the global
+    # token count) and the logged metrics (means over ranks).
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    @property
+    def _sharded(self) -> bool:
+        """FSDP: every forward is collective, so generation must keep ranks in step."""
+        if not self._distributed:
+            return False
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def _tokens_per_rank(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """dapo normalises by the global batch's completion tokens; DDP then averages gradients over ranks, so each
+        rank divides by (global tokens / world size), as TRL does. None on one process (the local count)."""
+        if not self._distributed or self.grpo.loss_type != "dapo":
+            return None
+        total = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="sum")
+        return total / self.trainer.world_size
 
     # ---- training ------------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -187,7 +214,8 @@ class EnigmaModule(L.LightningModule):
             extras["variant_embeddings"] = self.variant_embeddings
         extras["hidden"] = hidden
         inputs = StepInputs(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, buf["mask"], buf["advantages"], logps,
-                            old_logps=buf["old_logps"], ref_logps=buf["ref_logps"], extras=extras)
+                            old_logps=buf["old_logps"], ref_logps=buf["ref_logps"],
+                            num_items_in_batch=self._tokens_per_rank(buf["mask"]), extras=extras)
         total = logps.new_zeros(())
         metrics: dict[str, Any] = {}
         self.last_timings = {"generation": buf["gen_time"], "reference": buf["ref_time"]}
@@ -200,7 +228,8 @@ class EnigmaModule(L.LightningModule):
             metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items()})
         metrics["train/loss"] = total.detach()
         metrics.update(self._rollout_metrics(buf))
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=logps.size(0))
+        # across ranks: the mean of the ranks' values (equal completions per rank, so the global mean)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=logps.size(0), sync_dist=self._distributed)
         self.log("reward", metrics["train/reward/mean"], prog_bar=True, logger=False, batch_size=logps.size(0))
         self.log("format", metrics["train/format/strict_rate"], prog_bar=True, logger=False, batch_size=logps.size(0))
         self.last_completion_tokens = int(ro.completion_mask.sum())
@@ -231,20 +260,21 @@ class EnigmaModule(L.LightningModule):
     # ---- validation: greedy decoding on the held-out split -------------------------------------------------------
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
         ro = generate(self.policy, self.tokenizer, self.render(batch["source"]), 1, self.sampling,
-                      prefill=self.prompt.prefill, greedy=True)
+                      prefill=self.prompt.prefill, greedy=True, synced_gpus=self._sharded)
         strict = [is_strict(c) for c in ro.completions]
         correct = [s and answers_match(extract_answer(c), t) for s, c, t in zip(strict, ro.completions,
                                                                                   batch["target"], strict=True)]
         n = len(strict)
-        self.log("val/format_rate", sum(strict) / n, batch_size=n, on_epoch=True)
-        self.log("val/accuracy", sum(correct) / n, batch_size=n, on_epoch=True)
-        self.log("val/completions/mean_length", ro.lengths.float().mean().item(), batch_size=n, on_epoch=True)
+        self.log("val/format_rate", sum(strict) / n, batch_size=n, on_epoch=True, sync_dist=self._distributed)
+        self.log("val/accuracy", sum(correct) / n, batch_size=n, on_epoch=True, sync_dist=self._distributed)
+        self.log("val/completions/mean_length", ro.lengths.float().mean().item(), batch_size=n, on_epoch=True,
+                 sync_dist=self._distributed)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.trainer.callback_metrics.get("val/accuracy")
         if acc is not None and not self.trainer.sanity_checking:
             self.val_best = float(acc) if self.val_best is None else max(self.val_best, float(acc))
-            self.log("val/accuracy_best", self.val_best)
+            self.log("val/accuracy_best", self.val_best, sync_dist=self._distributed)  # the same on every rank
 
     # ---- optimiser -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

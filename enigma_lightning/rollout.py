@@ -18,6 +18,7 @@ class SamplingConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0
     max_prompt_length: int | None = 1024  # longer prompts are cut from the left (the question stays)
+    seed_per_prompt: bool = False  # each completion's randomness from (seed, step, prompt, index): see row_seeds
 
 
 @dataclass
@@ -52,8 +53,13 @@ def completion_mask_from_eos(completion_ids: Tensor, eos_ids: list[int]) -> tupl
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: int, sampling: SamplingConfig,
-             prefill: str = "", greedy: bool = False) -> Rollout:
-    """Sample ``num_generations`` completions for each prompt (greedy: one per prompt, ``num_generations`` ignored)."""
+             prefill: str = "", greedy: bool = False, seeds: list[int] | None = None,
+             synced_gpus: bool = False) -> Rollout:
+    """Sample ``num_generations`` completions for each prompt (greedy: one per prompt, ``num_generations`` ignored).
+
+    ``seeds`` (one per completion, see :func:`row_seeds`) makes each completion a function of its own seed, not of
+    the batch it is generated in: a run on N processes samples what a one-process run samples. ``synced_gpus``
+    keeps sharded (FSDP) ranks stepping together until every rank is done."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
                     truncation=sampling.max_prompt_length is not None, max_length=sampling.max_prompt_length)
@@ -62,9 +68,25 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     prompt_mask = enc["attention_mask"].to(device).repeat_interleave(g, dim=0)
     eos = eos_token_ids(tokenizer, model)
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                  use_cache=True)
+                  use_cache=True, synced_gpus=synced_gpus)
     if greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    elif seeds is not None:  # exact sampling by the Gumbel-max trick, with one random stream per completion
+        from transformers import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        if len(seeds) != prompt_ids.size(0):
+            raise ValueError(f"{len(seeds)} seeds for {prompt_ids.size(0)} completions")
+        procs = [TemperatureLogitsWarper(sampling.temperature)]
+        procs += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
+        procs += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                      repetition_penalty=sampling.repetition_penalty,
+                      logits_processor=LogitsProcessorList([*procs, PerRowGumbel(seeds)]))
     else:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                       repetition_penalty=sampling.repetition_penalty)
@@ -79,6 +101,35 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts])
+
+
+def row_seeds(seed: int, step: int, prompts: list[str], num_generations: int) -> list[int]:
+    """One seed per completion from (seed, step, prompt text, repeat of that text in the batch, index in the group):
+    the same completion gets the same seed whichever rank or batch position its prompt lands on."""
+    import hashlib
+
+    seen: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        n = seen[p] = seen.get(p, -1) + 1
+        for j in range(num_generations):
+            h = hashlib.blake2b(f"{seed}|{step}|{n}|{j}|{p}".encode(), digest_size=8).digest()
+            out.append(int.from_bytes(h, "little") & (2**63 - 1))
+    return out
+
+
+class PerRowGumbel:
+    """Logits processor: adds Gumbel noise from one generator per row, so argmax samples softmax(scores) exactly
+    (filtered tokens stay at -inf) and row i's draws depend on its seed and position only."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        v = scores.size(-1)
+        u = torch.stack([torch.rand(v, generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+        return scores.float() + gumbel
 
 
 def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,

@@ -115,3 +115,20 @@ def plan(cfg: DictConfig, out: Path) -> tuple[str, str | None]:
         return "skip", None
     ckpt = resume_checkpoint(out)
     return ("resume", ckpt) if ckpt else ("fresh", None)
+
+
+def single_job_argv() -> None:
+    """Inside a ``--multirun`` job: make ``sys.argv`` and Hydra's run dir describe this job alone.
+
+    Lightning's DDP launcher starts ranks 1..N-1 by re-running ``sys.argv`` with ``hydra.run.dir`` set to the
+    current run dir; in a sweep that would start the whole sweep again in every child. With the job's own overrides
+    and its folder as the run dir, each child is a single run of exactly this job, in this job's folder."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    hc = HydraConfig.get()
+    sys.argv = [sys.argv[0], *(str(o) for o in hc.overrides.task)]
+    with read_write(hc), open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir

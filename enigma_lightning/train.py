@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import WandbLogger
 
-    from .sweeps import hydra_info, plan
+    from .sweeps import hydra_info, plan, single_job_argv
     from .validate import validate
 
     validate(cfg)
@@ -83,6 +83,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 params.update({"sweep": sweep["sweep"], "sweep_job": sweep["job"],
                                **{f"swept/{k}": v for k, v in sweep["overrides"].items()}})
             lg.log_hyperparams(params)
+    if sweep is not None and trainer.world_size > 1:
+        single_job_argv()  # DDP children re-run this job only (see sweeps.single_job_argv)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:  # close this job's W&B run: the next job of a sweep in this process must start its own

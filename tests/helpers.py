@@ -12,11 +12,15 @@ def digit_reward(prompts, completions, **columns):
 
 def run_cli(module, *args, timeout=600):
     """Run ``python -m <module> <args>`` in a subprocess, as a user would; returns the CompletedProcess."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    # the tests folder on the path, so configs can name test helpers (helpers.length_reward) as targets
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": path})
 
 
 def _wandb_log_records(data: bytes):

@@ -103,3 +103,29 @@ def test_ablation_preset_sweeps_the_loss_terms():
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=["experiment=ablation"], return_hydra_config=True)
     assert dict(cfg.hydra.sweeper.params) == {"loss": "grpo,[grpo,sami],[grpo,ot],full"}
+
+
+def test_dashboard_names_metrics_that_a_full_run_logs(make_cfg, tmp_path):
+    from enigma_lightning.dashboard import LAYOUT, build, describe
+    from enigma_lightning.train import run
+
+    out = tmp_path / "run"
+    run(make_cfg("experiment=smoke", "loss=full", "grpo.beta=0.04", "trainer.max_steps=2", "callbacks=probes",
+                 "callbacks.probes.every_n_steps=1", "callbacks.probes.num_questions=2", out=out))
+    with open(out / "metrics.csv") as f:
+        logged = set(next(csv.reader(f)))
+    wanted = {k for _, panels in LAYOUT for _, keys in panels if isinstance(keys, list) for k in keys}
+    assert wanted - logged == set()
+    workspace = build("me", "proj", group="2026-01-01/00-00-00")
+    model = workspace._to_model()  # what save() would send
+    assert model is not None and len(workspace.sections) == len(LAYOUT)
+    assert "[Samples]" in describe(workspace)
+
+
+def test_dashboard_cli_dry_run_prints_the_view():
+    from helpers import run_cli
+
+    r = run_cli("enigma_lightning.dashboard", "entity=me", "project=p", "dry_run=true")
+    assert r.returncode == 0 and "not saved" in r.stdout and "train/sami/mi_bound" in r.stdout, r.stderr[-2000:]
+    r = run_cli("enigma_lightning.dashboard", "project=p")
+    assert r.returncode == 2 and "entity=<entity>" in r.stderr
