@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run keeps the rows of the steps before
+    the ones it logs again (the steps after the checkpoint are re-run, so their old rows are dropped)."""
+
+    def __init__(self, log_dir: str) -> None:
+        path = Path(log_dir) / self.NAME_METRICS_FILE
+        self._previous: list[dict] = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                self._previous = list(csv.DictReader(f))
+        super().__init__(log_dir)
+
+    def save(self) -> None:
+        if self._previous and self.metrics:
+            first = min(int(m["step"]) for m in self.metrics)
+            keep = [r for r in self._previous if r.get("step") not in (None, "") and int(r["step"]) < first]
+            old_keys = {k for r in keep for k, v in r.items() if v not in (None, "")}
+            self.metrics_keys = sorted(old_keys | set().union(*self.metrics))
+            with open(self.metrics_file_path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.metrics_keys, extrasaction="ignore")
+                w.writeheader()
+                w.writerows({k: v for k, v in r.items() if k in old_keys} for r in keep)
+            self._previous = []
+        super().save()
+
+
+class _CSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def csv_logger(save_dir: str) -> CSVLogger:
-    """Writes ``<save_dir>/metrics.csv`` (no version sub-folders: one run, one folder)."""
-    return CSVLogger(save_dir=save_dir, name="", version="")
+    """Writes ``<save_dir>/metrics.csv`` (no version sub-folders: one run, one folder); a run resumed in the same
+    folder continues the file."""
+    return _CSVLogger(save_dir=save_dir, name="", version="")
 
 
 def wandb_has_credentials() -> bool:

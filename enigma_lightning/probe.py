@@ -238,6 +238,16 @@ class ProbeCallback(L.Callback):
         self.batch_size, self.questions, self.write_files = batch_size, questions, write_files
         self._reference = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from .errors import EnigmaError
+
+        if isinstance(trainer.strategy, FSDPStrategy):  # probes run on rank 0 alone; sharded forwards are collective
+            raise EnigmaError("callbacks=probes does not run under trainer=fsdp (its forwards would wait on the other "
+                              "ranks). Use trainer=ddp or one device, or probe checkpoints with "
+                              "python -m enigma_lightning.probe ckpt_path=...")
+
     def _ref(self, pl_module):
         if pl_module.reference is not None:
             return pl_module.reference

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model.*")
 warnings.filterwarnings("ignore", message=r".*is set, but there is no last checkpoint available.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# a resumed run continues metrics.csv (loggers.csv_logger) rather than deleting it, as this warning would say
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty.*")
 
 
 def build_module(cfg: DictConfig):

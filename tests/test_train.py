@@ -102,6 +102,20 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path):
     assert last_full["step"] == last_resumed["step"] == "3"
     assert float(last_full["train/loss"]) == pytest.approx(float(last_resumed["train/loss"]), abs=1e-5)
 
+    # the same command again in the crashed run's folder (resume=auto): it resumes there, keeping the metrics of the
+    # steps before the crash, and once finished a further run is skipped
+    before = [r["step"] for r in _metrics(crashed)]
+    assert before == ["0", "1", "2"]
+    summary = run(make_cfg(*common, out=crashed))
+    assert summary["status"] == "finished" and summary["global_step"] == 4
+    assert [r["step"] for r in _metrics(crashed)] == ["0", "1", "2", "3"]
+    c = torch.load(crashed / "checkpoints/last.ckpt", weights_only=False)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(c["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    mtime = (crashed / "summary.json").stat().st_mtime
+    assert run(make_cfg(*common, out=crashed))["status"] == "finished"
+    assert (crashed / "summary.json").stat().st_mtime == mtime
+
 
 def test_num_iterations_reuses_rollout(make_cfg, tmp_path):
     out = tmp_path / "run"
