@@ -21,8 +21,9 @@ def _outdir(trainer: L.Trainer) -> Path:
 
 class StepTimer(L.Callback):
     """Logs ``perf/step_time`` (rollout + forward + backward + optimiser), ``perf/tokens_per_s`` (completion
-    tokens of the step / step time), and for each timed phase (``generation``, ``reference`` forward, each loss
-    term's forward, e.g. ``ot``) ``perf/<phase>_time`` in seconds and ``perf/<phase>_share`` of the step."""
+    tokens of the step / step time), and for each timed phase (``generation``, ``reward``, ``reference`` forward,
+    ``policy_forward``, each loss term's own computation, e.g. ``ot``) ``perf/<phase>_time`` in seconds and
+    ``perf/<phase>_share`` of the step."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .encoder import PrincipleEncoder
-from .losses import GRPOLoss, LossTerm, StepInputs, nanstd
+from .losses import GRPOLoss, LossTerm, StepInputs
+from .metrics.rollout import rollout_metrics
 from .models import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokenizer
 from .principles import PrincipleSet
 from .prompts import PromptTemplate
@@ -124,12 +125,39 @@ class EnigmaModule(L.LightningModule):
         qi, vi, ji = (torch.arange(n, device=self.device) for n in (q, k, g))
         p_rows = (qi[:, None, None] * g + vi[None, :, None] * m).expand(q, k, g).reshape(-1)
         c_rows = (qi[:, None, None] * g + ji[None, None, :]).expand(q, k, g).reshape(-1)
+        if not self.sami.negatives_grad:
+            return self._sami_forward_stopgrad(ro)
         logps, hidden = self._forward(self.policy, ro, rows=(p_rows, c_rows), num_generations=g)
         mask = ro.completion_mask[c_rows].to(logps.dtype)
         scores = ((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(q, k, k, m)  # [Q, i', i, r]
         ri = torch.arange(m, device=self.device)
         diag = (qi[:, None, None] * k * g + vi[None, :, None] * (g + m) + ri[None, None, :]).reshape(-1)
         return logps[diag], {layer: h[diag] for layer, h in hidden.items()}, scores
+
+    def _sami_forward_stopgrad(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """``sami.negatives_grad=false``: GRPO's forward (with grad) gives the matched cells; the mismatched cells
+        (completion j under a variant that did not produce it) come from a no-grad forward."""
+        g, k, m = self.grpo.num_generations, self.num_variants, self.per_prompt
+        q = ro.prompt_ids.size(0) // g
+        logps, hidden = self._forward(self.policy, ro)  # rows (q, j): prompt = j's own variant
+        mask = ro.completion_mask.to(logps.dtype)
+        matched = ((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(q, g)
+        own = torch.arange(g, device=self.device) // m  # variant of completion j
+        # rows (q, i', j) with i' != own(j), grouped by (q, i'): each group shares variant i''s prompt
+        cells = [(qq, i, j) for qq in range(q) for i in range(k) for j in range(g) if own[j] != i]
+        p_rows = torch.tensor([qq * g + i * m for qq, i, _ in cells], device=self.device)
+        c_rows = torch.tensor([qq * g + j for qq, _, j in cells], device=self.device)
+        with torch.no_grad():
+            off_logps, _ = per_token_logps(
+                self.policy, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows],
+                ro.completion_mask[c_rows], self.sampling.temperature, num_generations=g - m)
+            off_mask = ro.completion_mask[c_rows].to(off_logps.dtype)
+            off = torch.zeros(q, k, g, dtype=matched.dtype, device=self.device)
+            qi, ii, ji = (torch.tensor(x, device=self.device) for x in zip(*cells, strict=True))
+            off[qi, ii, ji] = (off_logps * off_mask).sum(-1) / off_mask.sum(-1).clamp(min=1)
+        is_own = own[None, None, :] == torch.arange(k, device=self.device)[None, :, None]  # [1, K, G]
+        scores = torch.where(is_own, matched[:, None, :], off).view(q, k, k, m)  # [Q, i', i, r]
+        return logps, hidden, scores
 
     def _reference_forward(self, ro):
         """One reference forward serves the KL (log-probs) and OT (hidden states)."""
@@ -150,14 +178,16 @@ class EnigmaModule(L.LightningModule):
         gen_time = time.perf_counter() - t0
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
         rep_prompts = [p for p in prompts for _ in range(self.per_prompt)]
+        t0 = time.perf_counter()
         per_func, total = self.reward(rep_prompts, ro.completions, **columns)
+        reward_time = time.perf_counter() - t0
         advantages, std_zero = self.grpo.advantages(total.to(self.device))
         mask = ro.completion_mask
         if self.grpo.mask_truncated_completions:
             mask = mask * (~ro.truncated).unsqueeze(1).long()
         buf = dict(ro=ro, mask=mask, advantages=advantages, rewards=total, per_func=per_func, std_zero=std_zero,
-                   gen_time=gen_time, columns=columns, prompts=rep_prompts, old_logps=None, ref_logps=None,
-                   ref_hidden={}, ref_time=0.0)
+                   gen_time=gen_time, reward_time=reward_time, columns=columns, prompts=rep_prompts, old_logps=None,
+                   ref_logps=None, ref_hidden={}, ref_time=0.0)
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
                 buf["old_logps"] = self._forward(self.policy, ro)[0]
@@ -200,16 +230,19 @@ class EnigmaModule(L.LightningModule):
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> torch.Tensor:
-        if self._buffer is None or self.global_step % self.grpo.num_iterations == 0:
+        fresh = self._buffer is None or self.global_step % self.grpo.num_iterations == 0
+        if fresh:
             self._buffer = self._new_rollout(batch)
         buf, ro = self._buffer, self._buffer["ro"]
         extras: dict[str, Any] = {"max_completion_length": self.sampling.max_new_tokens, "step": self.global_step,
                                   "ref_hidden": buf["ref_hidden"],
                                   "num_questions": ro.prompt_ids.size(0) // self.grpo.num_generations}
-        if self.sami is not None and self.sami.critic == "logprob":
+        t0 = time.perf_counter()
+        if self.sami is not None and self.sami.critic == "logprob":  # the forward also re-scores for SAMI
             logps, hidden, extras["sami_scores"] = self._sami_forward(ro)
         else:
             logps, hidden = self._forward(self.policy, ro)
+        forward_time = time.perf_counter() - t0
         if self.sami is not None and self.sami.critic == "encoder":
             extras["variant_embeddings"] = self.variant_embeddings
         extras["hidden"] = hidden
@@ -218,7 +251,10 @@ class EnigmaModule(L.LightningModule):
                             num_items_in_batch=self._tokens_per_rank(buf["mask"]), extras=extras)
         total = logps.new_zeros(())
         metrics: dict[str, Any] = {}
-        self.last_timings = {"generation": buf["gen_time"], "reference": buf["ref_time"]}
+        # a reused rollout (grpo.num_iterations > 1) costs nothing this step
+        self.last_timings = {"generation": buf["gen_time"] if fresh else 0.0,
+                             "reward": buf["reward_time"] if fresh else 0.0,
+                             "reference": buf["ref_time"] if fresh else 0.0, "policy_forward": forward_time}
         for name, term in self.terms.items():
             t0 = time.perf_counter()
             loss, term_metrics = term(inputs)
@@ -236,20 +272,8 @@ class EnigmaModule(L.LightningModule):
         return total
 
     def _rollout_metrics(self, buf: dict[str, Any]) -> dict[str, float]:
-        ro, rewards, per_func = buf["ro"], buf["rewards"], buf["per_func"]
-        lengths = ro.lengths.float()
-        m = {
-            "train/reward/mean": torch.nanmean(rewards).item(),
-            "train/reward/std": nanstd(rewards).item() if rewards.numel() > 1 else 0.0,  # unscorable rows ignored
-            "train/reward/frac_zero_std": buf["std_zero"].float().mean().item(),
-            "train/advantages/abs_mean": buf["advantages"].abs().mean().item(),
-            "train/format/strict_rate": sum(is_strict(c) for c in ro.completions) / len(ro.completions),
-            "train/completions/mean_length": lengths.mean().item(),
-            "train/completions/max_length": lengths.max().item(),
-            "train/completions/clipped_ratio": ro.truncated.float().mean().item(),
-        }
-        for i, name in enumerate(self.reward.names):
-            m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i]).item()
+        ro, rewards = buf["ro"], buf["rewards"]
+        m = rollout_metrics(ro, rewards, buf["per_func"], buf["std_zero"], buf["advantages"], self.reward.names)
         self.last_samples = [
             {"step": self.global_step, "prompt": p, "completion": c, "reward": float(r), "target": t}
             for p, c, r, t in zip(buf["prompts"], ro.completions, rewards.tolist(),

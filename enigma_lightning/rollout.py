@@ -13,6 +13,7 @@ class SamplingConfig:
     """Sampling settings of the rollout (``conf/rollout/*.yaml``)."""
 
     max_new_tokens: int = 96
+    min_new_tokens: int = 0  # > 0 suppresses EOS before this many tokens (fixed-length rollouts for benchmarks)
     temperature: float = 0.9
     top_p: float = 1.0
     top_k: int = 0
@@ -69,6 +70,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     eos = eos_token_ids(tokenizer, model)
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                   use_cache=True, synced_gpus=synced_gpus)
+    if sampling.min_new_tokens:
+        kwargs["min_new_tokens"] = sampling.min_new_tokens
     if greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     elif seeds is not None:  # exact sampling by the Gumbel-max trick, with one random stream per completion

@@ -157,3 +157,25 @@ def test_probe_cli_on_a_checkpoint(trained_run, tmp_path):
     assert result["reference"] == "tiny:llama" and result["num_questions"] == 3
     assert result["per_layer"]["cka"][-1] < 1 and result["per_layer"]["fisher_rao"][-1] > 0
     assert (out / "probe_layers.png").exists() and list((out / "wandb").glob("offline-run-*"))
+
+
+def test_lora_checkpoint_and_adapter_folder_load_merged(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from enigma_lightning.checkpoints import load_policy_from, merge_run_config
+    from enigma_lightning.tiny import build_tiny_llama
+    from enigma_lightning.train import run
+
+    out = tmp_path / "lora"
+    run(_compose("train", f"paths.output_dir={out}", "experiment=smoke", "trainer.max_steps=2", "peft=lora",
+                 "peft.target_modules=[q_proj,v_proj]", "optim.optimizer.lr=1e-2", "trainer.limit_val_batches=0",
+                 *SIGNAL))
+
+    def load(ckpt):
+        return load_policy_from(merge_run_config(_compose("evaluate", "paths.output_dir=x", f"ckpt_path={ckpt}")))[0]
+
+    a, b = load(out / "checkpoints/last.ckpt").state_dict(), load(out / "policy").state_dict()
+    assert not any("lora_" in k for k in a) and set(a) == set(b)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    tiny = AutoModelForCausalLM.from_pretrained(build_tiny_llama()).state_dict()
+    assert any(not torch.allclose(a[k], tiny[k]) for k in a if "q_proj" in k)  # the adapter was merged in

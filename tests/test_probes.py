@@ -120,5 +120,8 @@ def test_write_outputs(tmp_path, tiny_models):
     assert result["layers"] == [0, ref.config.num_hidden_layers]
     assert all(math.isnan(v) for v in result["per_layer"]["principle_alignment"])  # no antithesis: no direction
     write_outputs(result, tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "probe.json").read_text())["per_layer"]["principle_alignment"] == [None, None]
     assert (tmp_path / "probe_layers.png").stat().st_size > 10_000
     assert (tmp_path / "probe.md").read_text().count("\n| ") == 3  # header + 2 layers

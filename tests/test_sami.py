@@ -92,6 +92,23 @@ def test_rollout_under_k_variants_and_logprob_matrix_equals_slow_scoring(make_cf
                         assert scores[qi, ip, i, r].item() == pytest.approx(expected.item(), abs=1e-4)
 
 
+def test_stop_gradient_negatives_same_scores_gradient_only_through_matched_cells(make_cfg):
+    module, cfg = _module(make_cfg, "loss=[grpo,sami]", "grpo.num_generations=4", "sami.num_variants=2")
+    dm = instantiate(cfg.data)
+    dm.setup()
+    ro = module._new_rollout(next(iter(dm.train_dataloader())))["ro"]
+    logps, _, exact = module._sami_forward(ro)
+    module.sami.negatives_grad = False
+    logps_sg, _, scores = module._sami_forward(ro)
+    torch.testing.assert_close(scores, exact, rtol=1e-4, atol=1e-5)  # the same loss value
+    torch.testing.assert_close(logps_sg, logps, rtol=1e-4, atol=1e-5)
+    own = torch.eye(2, dtype=torch.bool)[None, :, :, None].expand_as(scores)  # [Q, i', i, r]: i' == i
+    scores[~own].sum().backward(retain_graph=True)  # negatives only: no gradient reaches the policy
+    assert all(p.grad is None or not p.grad.any() for p in module.policy.parameters())
+    scores[own].sum().backward()
+    assert any(p.grad is not None and p.grad.any() for p in module.policy.parameters())
+
+
 def test_encoder_critic_trains_projection_and_nothing_frozen(make_cfg, tmp_path):
     module, cfg = _module(make_cfg, "loss=[grpo,sami]", "sami.critic=encoder")
     proj0 = module.sami.projection.weight.detach().clone()

@@ -32,11 +32,14 @@ class SAMILoss(nn.Module):
     needs_reference = False
 
     def __init__(self, weight: float = 0.1, num_variants: int = 2, critic: str = "logprob", temperature: float = 0.1,
-                 layer: int = -1):
+                 layer: int = -1, negatives_grad: bool = True):
         super().__init__()
         if critic not in CRITICS:
             raise ValueError(f"sami.critic must be one of {CRITICS}; got {critic!r}")
         self.weight, self.num_variants, self.critic, self.temperature = weight, num_variants, critic, temperature
+        # logprob critic: False scores the mismatched (completion, variant) cells without gradient (a stop-gradient
+        # on the negatives): the same loss value, half the SAMI backward, but not SAMI's exact gradient
+        self.negatives_grad = negatives_grad
         self.layers = [layer]
         self.projection: nn.Linear | None = None
 

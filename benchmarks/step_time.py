@@ -1,0 +1,301 @@
+"""GRPO step time, per phase, against TRL's GRPOTrainer on the same work.
+
+    python benchmarks/step_time.py                                   # CPU, embedded SmolLM2, G=4, 96 tokens
+    python benchmarks/step_time.py --configs grpo,full --steps 5 --warmup 1
+    python benchmarks/step_time.py --device cuda --dtype bfloat16 --model-shape qwen2.5-0.5b --G 8 \
+        --max-new-tokens 256 --prompts 4                             # GPU: a real 0.5B architecture, random weights
+
+Every measurement runs in its own process (peak RSS is then its own). For each configuration (``grpo``,
+``grpo+sami``, ``grpo+ot``, ``full``) it runs ``--warmup`` untimed steps and ``--steps`` timed ones and prints,
+(``full_stopgrad``: ``full`` with ``sami.negatives_grad=false``) per phase (generation, reward scoring, reference forward, policy forward with SAMI's re-scoring, each loss term,
+backward, optimiser), the mean wall time and share of the step, completion tokens per second, and peak memory
+(RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). ``--trl`` (default on) also runs TRL's GRPOTrainer
+(``pip install 'enigma-lightning[bench]'``) on the same weights, prompts (rendered by our template, fed to TRL as
+plain text), reward functions, G, completion length, sampling settings, loss type and importance-sampling level,
+and prints the ratio of our ``loss=grpo`` step time to TRL's, step by step, with its spread.
+
+Rollouts are fixed-length by default (``--fixed-length``: EOS suppressed until ``--max-new-tokens``) so both
+frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {"grpo": "grpo", "grpo+sami": "[grpo,sami]", "grpo+ot": "[grpo,ot]", "full": "full",
+           "full_stopgrad": "full"}  # full with sami.negatives_grad=false
+EXTRA = {"full_stopgrad": ["sami.negatives_grad=false"]}
+SHAPES = {  # real architectures, random weights (no hub needed)
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6),
+    "llama3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                        max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5, head_dim=64),
+}
+BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM bandwidth of the SXM parts
+
+
+def _peak_memory(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def materialise_model(args) -> str:
+    """A model folder both frameworks load: the embedded default, a given folder, or a real shape at random init."""
+    if not args.model_shape:
+        from enigma_lightning.models import ModelSpec
+
+        return ModelSpec(name_or_path=args.model).resolved_path()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from enigma_lightning.models import ModelSpec
+
+    out = Path(tempfile.gettempdir()) / f"enigma-bench-{args.model_shape}"
+    if not (out / "config.json").exists():
+        shape = dict(SHAPES[args.model_shape])
+        config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+        import torch
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        AutoTokenizer.from_pretrained(ModelSpec(name_or_path="embedded:smollm2-135m-instruct").resolved_path()) \
+            .save_pretrained(out)  # a chat tokenizer; its vocabulary fits inside the model's
+    return str(out)
+
+
+def _prompts(n: int, template, tok, principles: str) -> list[dict]:
+    from enigma_lightning.bundled import generate
+
+    rows = generate("train")[:n]
+    return [{"prompt": template.render(tok, r["source"], principles), "source": r["source"], "target": r["target"]}
+            for r in rows]
+
+
+def run_ours(args) -> dict:
+    import torch
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from enigma_lightning.train import build_module
+
+    loss = CONFIGS[args.config]
+    overrides = [f"paths.output_dir={tempfile.mkdtemp()}", "model=hf", f"model.name_or_path={args.model_dir}",
+                 f"model.dtype={args.dtype}", f"loss={loss}", f"grpo.num_generations={args.G}",
+                 f"data.batch_size={args.prompts * args.G}", f"rollout.max_new_tokens={args.max_new_tokens}",
+                 f"rollout.min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
+                 f"rollout.temperature={args.temperature}", f"grpo.loss_type={args.loss_type}",
+                 "grpo.importance_sampling_level=sequence", "logger=none", f"seed={args.seed}"]
+    overrides += EXTRA.get(args.config, [])
+    if "sami" not in loss and loss != "full":
+        overrides.append("encoder=none")  # nothing reads it; TRL loads no encoder either
+    if args.config in ("grpo+sami", "full", "full_stopgrad"):
+        overrides.append(f"sami.num_variants={min(2, args.G)}")
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    torch.manual_seed(args.seed)
+    module = build_module(cfg).to(args.device)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    rows = _prompts(args.prompts * (args.warmup + args.steps), instantiate(cfg.prompt), module.tokenizer,
+                    module.principles.text)
+    steps = []
+    for i in range(args.warmup + args.steps):
+        batch = rows[i * args.prompts : (i + 1) * args.prompts]
+        batch = {"source": [r["source"] for r in batch], "target": [r["target"] for r in batch]}
+        module._buffer = None
+        _sync(args.device)
+        t0 = time.perf_counter()
+        loss_value = module.training_step(batch, i)
+        _sync(args.device)
+        t1 = time.perf_counter()
+        loss_value.backward()
+        _sync(args.device)
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(args.device)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            phases = dict(module.last_timings, backward=t2 - t1, optimizer=t3 - t2)
+            steps.append({"step": t3 - t0, "phases": phases, "tokens": module.last_completion_tokens})
+    return {"steps": steps, "peak_memory_gib": _peak_memory(args.device)}
+
+
+def run_trl(args) -> dict:
+    import torch
+    import yaml
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from enigma_lightning.prompts import PromptTemplate
+    from enigma_lightning.rewards import gated_correctness_reward, xml_format_reward
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    template = PromptTemplate(**{k: v for k, v in yaml.safe_load((conf / "prompt/xml_cot.yaml").read_text()).items()
+                                 if k != "_target_"})
+    principles = yaml.safe_load((conf / "principles/default.yaml").read_text())["text"]
+    tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
+    rows = _prompts(args.prompts * (args.warmup + args.steps), template, tok, principles)
+
+    # our reward functions; TRL's completions do not include the prompt's assistant prefill, ours do
+    def format_reward(prompts, completions, **kw):
+        return xml_format_reward(prompts, [template.prefill + c for c in completions], **kw)
+
+    def correctness_reward(prompts, completions, **kw):
+        return gated_correctness_reward(prompts, [template.prefill + c for c in completions], **kw)
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            _sync(args.device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            _sync(args.device)
+            times.append(time.perf_counter() - self.t0)
+
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.G, num_generations=args.G,
+        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
+        loss_type=args.loss_type, importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.0,
+        learning_rate=3e-5, adam_beta2=0.99, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0,
+        max_steps=args.warmup + args.steps, logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=args.device == "cpu", bf16=False, seed=args.seed, shuffle_dataset=False, disable_tqdm=True,
+        generation_kwargs={"min_new_tokens": args.max_new_tokens} if args.fixed_length else None,
+        dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, correctness_reward], args=config,
+                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    steps = [{"step": t, "phases": {}, "tokens": None} for t in times[args.warmup :]]
+    return {"steps": steps, "peak_memory_gib": _peak_memory(args.device)}
+
+
+def worker(args) -> None:
+    args.model_dir = materialise_model(args)
+    result = run_trl(args) if args.framework == "trl" else run_ours(args)
+    print("RESULT " + json.dumps(result))
+
+
+def _spawn(args, framework: str, config: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--config", config]
+    for k in ("model", "model_shape", "device", "dtype", "G", "prompts", "max_new_tokens", "temperature", "steps",
+              "warmup", "loss_type", "seed"):
+        v = getattr(args, k)
+        if v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    cmd.append("--fixed-length" if args.fixed_length else "--no-fixed-length")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if out.returncode != 0 or line is None:
+        raise SystemExit(f"{framework} {config} failed:\n{out.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def _bandwidth_bound(args, result: dict) -> str:
+    """Generation tokens/s as a share of the memory-bandwidth limit (every decoding step reads all weights)."""
+    import torch
+
+    if not args.device.startswith("cuda"):
+        return ""
+    name = torch.cuda.get_device_name()
+    gbs = args.bandwidth_gbs or next((v for k, v in BANDWIDTH_GBS.items() if k in name), None)
+    if gbs is None:
+        return f"  (no bandwidth figure for {name}; pass --bandwidth-gbs)"
+    from enigma_lightning.models import ModelSpec, load_policy
+
+    model = load_policy(ModelSpec(name_or_path=materialise_model(args), dtype=args.dtype))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = args.prompts * args.G
+    bound = rows * gbs * 1e9 / weight_bytes  # tokens/s if each decoding step only streamed the weights once
+    gen = statistics.mean(s["tokens"] / s["phases"]["generation"] for s in result["steps"])
+    return f"  generation {gen:.0f} tok/s = {100 * gen / bound:.1f}% of the bandwidth limit {bound:.0f} tok/s " \
+           f"({gbs:.0f} GB/s, {weight_bytes / 2**30:.2f} GiB of weights, {rows} rows)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="grpo,grpo+sami,grpo+ot,full")
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder, embedded:..., tiny:llama")
+    p.add_argument("--model-shape", default=None, choices=sorted(SHAPES), help="a real architecture, random weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--G", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step (completions = prompts x G)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bandwidth-gbs", type=float, default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--framework", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="grpo", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    configs = args.configs.split(",")
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
+    print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G}, "
+          f"{args.max_new_tokens} new tokens{' (fixed length)' if args.fixed_length else ''}, loss_type "
+          f"{args.loss_type}, sequence-level IS; {args.warmup} warm-up + {args.steps} timed steps\n")
+    results = {c: _spawn(args, "ours", c) for c in configs}
+    trl = _spawn(args, "trl", "grpo") if args.trl else None
+    base = statistics.mean(s["step"] for s in results["grpo"]["steps"]) if "grpo" in results else None
+    for c, r in results.items():
+        mean_step = statistics.mean(s["step"] for s in r["steps"])
+        tokens = statistics.mean(s["tokens"] for s in r["steps"])
+        print(f"loss={CONFIGS[c]}: step {mean_step:.2f} s (sd {statistics.pstdev(s['step'] for s in r['steps']):.2f})"
+              f", {tokens / mean_step:.1f} completion tok/s, peak memory {r['peak_memory_gib']:.2f} GiB"
+              + (f", {mean_step / base:.2f}x loss=grpo" if base and c != "grpo" else ""))
+        phases = r["steps"][0]["phases"].keys()
+        for ph in phases:
+            t = statistics.mean(s["phases"][ph] for s in r["steps"])
+            print(f"    {ph:<15} {t:7.3f} s  {100 * t / mean_step:5.1f}%")
+        if c == "grpo":
+            print(_bandwidth_bound(args, r))
+    if trl is not None and "grpo" in results:
+        ours = [s["step"] for s in results["grpo"]["steps"]]
+        theirs = [s["step"] for s in trl["steps"]]
+        ratios = [a / b for a, b in zip(ours, theirs, strict=False)]
+        mem_ratio = results["grpo"]["peak_memory_gib"] / trl["peak_memory_gib"]
+        print(f"\nTRL GRPOTrainer: step {statistics.mean(theirs):.2f} s (sd {statistics.pstdev(theirs):.2f}), "
+              f"peak memory {trl['peak_memory_gib']:.2f} GiB")
+        print("ours / TRL, loss=grpo, step by step: " + ", ".join(f"{x:.2f}" for x in ratios))
+        print(f"ours / TRL step time: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max "
+              f"{max(ratios):.2f}); peak memory {mem_ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

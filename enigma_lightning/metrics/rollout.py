@@ -1,0 +1,26 @@
+"""Per-step metrics of a rollout: rewards, advantages, format, lengths (``train/...``, see docs/metrics.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses import nanstd
+from ..rewards import is_strict
+
+
+def rollout_metrics(ro, rewards: torch.Tensor, per_func: torch.Tensor, std_zero: torch.Tensor,
+                    advantages: torch.Tensor, reward_names: list[str]) -> dict[str, float]:
+    lengths = ro.lengths.float()
+    m = {
+        "train/reward/mean": torch.nanmean(rewards).item(),
+        "train/reward/std": nanstd(rewards).item() if rewards.numel() > 1 else 0.0,  # unscorable rows ignored
+        "train/reward/frac_zero_std": std_zero.float().mean().item(),
+        "train/advantages/abs_mean": advantages.abs().mean().item(),
+        "train/format/strict_rate": sum(is_strict(c) for c in ro.completions) / len(ro.completions),
+        "train/completions/mean_length": lengths.mean().item(),
+        "train/completions/max_length": lengths.max().item(),
+        "train/completions/clipped_ratio": ro.truncated.float().mean().item(),
+    }
+    for i, name in enumerate(reward_names):
+        m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i]).item()
+    return m

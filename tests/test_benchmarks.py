@@ -1,0 +1,32 @@
+"""The benchmark scripts run end to end (they print figures; nothing here checks a speed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "step_time.py"
+
+
+def _run(*args, timeout=900):
+    r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    return r.stdout
+
+
+def test_step_time_against_trl_on_the_tiny_model():
+    out = _run("--model", "tiny:llama", "--configs", "grpo,full", "--steps", "2", "--warmup", "0",
+               "--max-new-tokens", "8", "--prompts", "2")
+    for phase in ("generation", "reward", "policy_forward", "backward", "optimizer", "ot", "sami"):
+        assert f"    {phase}" in out, phase
+    assert "loss=full: step" in out and "x loss=grpo" in out
+    assert "ours / TRL, loss=grpo, step by step: " in out and "peak memory" in out
+    assert len(out.split("step by step: ")[1].splitlines()[0].split(", ")) == 2  # one ratio per timed step
+
+
+@pytest.mark.slow
+def test_step_time_on_a_real_architecture_at_random_init():
+    out = _run("--model-shape", "qwen2.5-0.5b", "--configs", "grpo", "--steps", "1", "--warmup", "0",
+               "--max-new-tokens", "4", "--prompts", "1", "--G", "2", timeout=1800)
+    assert "model qwen2.5-0.5b" in out and "ours / TRL step time" in out
