@@ -11,7 +11,7 @@ from enigma_lightning.data import StepBatchSampler
 
 SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true"]
 COMMON = ["experiment=smoke", "trainer.max_steps=2", "rollout.seed_per_prompt=true", "grpo.loss_type=dapo",
-          "trainer.limit_val_batches=0", "callbacks.checkpoint=null", *SIGNAL]
+          "trainer.limit_val_batches=0", "callbacks.checkpoint=null", "optim.optimizer.lr=1e-3", *SIGNAL]
 
 
 def test_step_batches_split_whole_prompts_across_ranks():

@@ -26,7 +26,7 @@ class ProbeCallback(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from .errors import EnigmaError
+        from ..errors import EnigmaError
 
         if isinstance(trainer.strategy, FSDPStrategy):  # probes run on rank 0 alone; sharded forwards are collective
             raise EnigmaError("callbacks=probes does not run under trainer=fsdp (its forwards would wait on the other "
@@ -37,7 +37,7 @@ class ProbeCallback(L.Callback):
         if pl_module.reference is not None:
             return pl_module.reference
         if self._reference is None:
-            from .models import load_policy
+            from ..models import load_policy
 
             self._reference = load_policy(pl_module.spec).eval().requires_grad_(False).to(pl_module.device)
         return self._reference

@@ -19,8 +19,8 @@ def probe_texts(tok, prompt, principles, questions: str = "bundled_eval", num_qu
     """Prompts under the principle and its antithesis, and the teacher-forced completions (prefill removed)."""
     import random
 
-    from .data import bundled_path, load_rows
-    from .prompts import format_completion
+    from ..data import bundled_path, load_rows
+    from ..prompts import format_completion
 
     rows = load_rows(str(bundled_path("eval")) if questions == "bundled_eval" else questions)
     rows = [r for r in rows if r.get("rationale")]
