@@ -111,9 +111,15 @@ class ExportPolicy(L.Callback):
         self.dirname = dirname
 
     def on_train_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        state_dict = None
+        if isinstance(trainer.strategy, FSDPStrategy):  # gather the shards (a collective: every rank calls it)
+            full = trainer.strategy.lightning_module_state_dict()
+            state_dict = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
         if trainer.is_global_zero:
             out = _outdir(trainer) / self.dirname
-            pl_module.policy.save_pretrained(out)
+            pl_module.policy.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
             pl_module.tokenizer.save_pretrained(out)
 
 

@@ -54,3 +54,18 @@ def entry_point(main) -> None:
     offline_defaults()
     sys.argv = [sys.argv[0], *rewrite_model_override(sys.argv[1:])]
     main()
+
+
+def hydra_command(run, config_name: str):
+    """(main, cli) for a command ``run(cfg)`` on ``conf/<config_name>.yaml``: user errors exit plainly (status 2)."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name=config_name)
+    def main(cfg) -> None:
+        with exit_on_user_error():
+            run(cfg)
+
+    def cli() -> None:
+        entry_point(main)
+
+    return main, cli

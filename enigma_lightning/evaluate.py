@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .benchmarks import Benchmark, Item, score
+from .cli import hydra_command
 from .rollout import generate
 
 METRICS = ("accuracy", "accuracy_lenient", "format_rate", "answered_rate", "mean_length", "truncated_rate")
@@ -127,18 +127,7 @@ def _log_wandb(cfg: DictConfig, out: Path, results: dict[str, dict[str, float]])
     run.finish()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    from .cli import exit_on_user_error
-
-    with exit_on_user_error():
-        run(cfg)
-
-
-def cli() -> None:
-    from .cli import entry_point
-
-    entry_point(main)
+main, cli = hydra_command(run, "evaluate")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
+from .cli import hydra_command
 from .probes.callback import ProbeCallback
 from .probes.compare import PER_LAYER, compare, probe_texts
 
@@ -124,18 +124,7 @@ def _log_wandb(cfg: DictConfig, out: Path, result: dict[str, Any]) -> None:
     run.finish()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name="probe")
-def main(cfg: DictConfig) -> None:
-    from .cli import exit_on_user_error
-
-    with exit_on_user_error():
-        run(cfg)
-
-
-def cli() -> None:
-    from .cli import entry_point
-
-    entry_point(main)
+main, cli = hydra_command(run, "probe")
 
 
 if __name__ == "__main__":
