@@ -6,9 +6,10 @@
         --max-new-tokens 256 --prompts 4                             # GPU: a real 0.5B architecture, random weights
 
 Every measurement runs in its own process (peak RSS is then its own). For each configuration (``grpo``,
-``grpo+sami``, ``grpo+ot``, ``full``) it runs ``--warmup`` untimed steps and ``--steps`` timed ones and prints,
-(``full_stopgrad``: ``full`` with ``sami.negatives_grad=false``) per phase (generation, reward scoring, reference forward, policy forward with SAMI's re-scoring, each loss term,
-backward, optimiser), the mean wall time and share of the step, completion tokens per second, and peak memory
+``grpo+sami``, ``grpo+ot``, ``full``, and ``full_stopgrad`` = ``full`` with ``sami.negatives_grad=false``) it
+runs ``--warmup`` untimed steps and ``--steps`` timed ones and prints, per phase (generation, reward scoring,
+reference forward, policy forward with SAMI's re-scoring, each loss term, backward, optimiser), the mean wall
+time and share of the step, completion tokens per second, and peak memory
 (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). ``--trl`` (default on) also runs TRL's GRPOTrainer
 (``pip install 'enigma-lightning[bench]'``) on the same weights, prompts (rendered by our template, fed to TRL as
 plain text), reward functions, G, completion length, sampling settings, loss type and importance-sampling level,

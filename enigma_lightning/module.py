@@ -120,13 +120,13 @@ class EnigmaModule(L.LightningModule):
     def _sami_forward(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """One batched forward over every (question, prompt variant i', completion j) cell: SAMI's K x G scores
         per question, and GRPO's log-probs / hidden states from the diagonal rows (i' = the completion's variant)."""
+        if not self.sami.negatives_grad:
+            return self._sami_forward_stopgrad(ro)
         g, k, m = self.grpo.num_generations, self.num_variants, self.per_prompt
         q = ro.prompt_ids.size(0) // g
         qi, vi, ji = (torch.arange(n, device=self.device) for n in (q, k, g))
         p_rows = (qi[:, None, None] * g + vi[None, :, None] * m).expand(q, k, g).reshape(-1)
         c_rows = (qi[:, None, None] * g + ji[None, None, :]).expand(q, k, g).reshape(-1)
-        if not self.sami.negatives_grad:
-            return self._sami_forward_stopgrad(ro)
         logps, hidden = self._forward(self.policy, ro, rows=(p_rows, c_rows), num_generations=g)
         mask = ro.completion_mask[c_rows].to(logps.dtype)
         scores = ((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(q, k, k, m)  # [Q, i', i, r]
@@ -144,7 +144,7 @@ class EnigmaModule(L.LightningModule):
         matched = ((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(q, g)
         own = torch.arange(g, device=self.device) // m  # variant of completion j
         # rows (q, i', j) with i' != own(j), grouped by (q, i'): each group shares variant i''s prompt
-        cells = [(qq, i, j) for qq in range(q) for i in range(k) for j in range(g) if own[j] != i]
+        cells = [(qq, i, j) for qq in range(q) for i in range(k) for j in range(g) if j // m != i]
         p_rows = torch.tensor([qq * g + i * m for qq, i, _ in cells], device=self.device)
         c_rows = torch.tensor([qq * g + j for qq, _, j in cells], device=self.device)
         with torch.no_grad():
