@@ -49,13 +49,12 @@ class Benchmark:
     seed: int = 0
 
     def load(self) -> list[Item]:
-        from .data import bundled_path, load_rows
+        from .data import load_rows
 
         if self.kind not in KINDS:
             raise EnigmaError(f"benchmark.{self.name}.kind must be one of {list(KINDS)}; got {self.kind!r}")
-        path = str(bundled_path("eval")) if self.path == "bundled_eval" else self.path
         try:
-            rows = load_rows(path, split=self.split, name=self.subset, revision=self.revision)
+            rows = load_rows(self.path, split=self.split, name=self.subset, revision=self.revision)
         except EnigmaError:
             raise
         except Exception as e:  # no hub, gated dataset, wrong id

@@ -29,7 +29,8 @@ def bundled_path(split: str = "train") -> Path:
 
 
 def resolve_data_path(path: str) -> str:
-    return str(bundled_path("train")) if path == "bundled" else path
+    """``bundled`` (the training file) and ``bundled_eval`` (the held-out split) name the bundled files."""
+    return {"bundled": str(bundled_path("train")), "bundled_eval": str(bundled_path("eval"))}.get(path, path)
 
 
 def is_local_data(path: str) -> bool:

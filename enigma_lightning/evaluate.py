@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = model.to(device_for(cfg.device))
     prompt, principles, sampling = instantiate(cfg.prompt), instantiate(cfg.principles), instantiate(cfg.rollout)
     what = str(cfg.ckpt_path or cfg.model.name_or_path)
-    results, examples = {}, {}
+    results, examples, samples = {}, {}, {}
     for name, its in items.items():
         t0 = time.perf_counter()
         metrics, records = evaluate_items(model, tok, prompt, principles.text, its, sampling,
@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["seconds"] = time.perf_counter() - t0
         results[name] = metrics
         examples[name] = records[0]["prompt"] if records else ""
+        samples[name] = records
         with open(out / f"samples_{name}.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
@@ -107,11 +108,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
               "example_prompts": examples, "config": OmegaConf.to_container(cfg, resolve=True)}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(write_table(results, out, what))
-    _log_wandb(cfg, out, results)
+    _log_wandb(cfg, out, results, samples)
     return report
 
 
-def _log_wandb(cfg: DictConfig, out: Path, results: dict[str, dict[str, float]]) -> None:
+def _log_wandb(cfg: DictConfig, out: Path, results: dict[str, dict[str, float]],
+               samples: dict[str, list[dict[str, Any]]]) -> None:
     from .loggers import wandb_run
 
     run = wandb_run(cfg, out, "evaluate")
@@ -121,7 +123,7 @@ def _log_wandb(cfg: DictConfig, out: Path, results: dict[str, dict[str, float]])
 
     for name, m in results.items():
         run.summary.update({f"eval/{name}/{k}": v for k, v in m.items()})
-        rows = [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text().splitlines()[:64]]
+        rows = samples[name][:64]
         cols = ["id", "completion", "answer", "predicted", "strict", "correct"]
         run.log({f"eval/{name}/samples": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
     run.finish()

@@ -66,9 +66,14 @@ def wandb_logger(save_dir: str, project: str, mode: str = "auto", **kwargs: Any)
     ``offline``. Offline runs land in ``<save_dir>/wandb`` and can be uploaded later with ``wandb sync``."""
     if mode not in ("auto", "online", "offline"):
         raise ValueError(f"logger.wandb.mode must be auto, online or offline; got {mode!r}")
-    offline = mode == "offline" or (mode == "auto" and (os.environ.get("WANDB_MODE") == "offline"
-                                                          or not wandb_has_credentials()))
-    return WandbLogger(save_dir=save_dir, project=project, offline=offline, **kwargs)
+    return WandbLogger(save_dir=save_dir, project=project, offline=resolve_mode(mode) == "offline", **kwargs)
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` is online when W&B credentials are found and ``WANDB_MODE`` is not ``offline``; else the mode."""
+    if mode != "auto":
+        return mode
+    return "online" if wandb_has_credentials() and os.environ.get("WANDB_MODE") != "offline" else "offline"
 
 
 def wandb_run(cfg, out_dir: Path, job_type: str):
@@ -79,8 +84,5 @@ def wandb_run(cfg, out_dir: Path, job_type: str):
     import wandb
     from omegaconf import OmegaConf
 
-    mode = cfg.wandb_mode
-    if mode == "auto":
-        mode = "online" if wandb_has_credentials() and os.environ.get("WANDB_MODE") != "offline" else "offline"
-    return wandb.init(project=cfg.wandb_project, dir=str(out_dir), mode=mode, job_type=job_type,
+    return wandb.init(project=cfg.wandb_project, dir=str(out_dir), mode=resolve_mode(cfg.wandb_mode), job_type=job_type,
                       config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")

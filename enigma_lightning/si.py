@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from .cli import hydra_command
 from .metrics.infonce import infonce_metrics, per_matrix_infonce
 from .rollout import generate, per_token_logps
 
@@ -35,9 +35,9 @@ from .rollout import generate, per_token_logps
 def load_questions(path: str, n: int, seed: int) -> list[str]:
     import random
 
-    from .data import bundled_path, load_rows
+    from .data import load_rows
 
-    rows = load_rows(str(bundled_path("eval")) if path == "bundled_eval" else path)
+    rows = load_rows(path)
     random.Random(seed).shuffle(rows)
     return [r["source"] for r in rows[:n]]
 
@@ -180,12 +180,8 @@ class SITableCallback(Callback):
             write_table(results, sweep)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name="si")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main, cli = hydra_command(run, "si")
 
 
 if __name__ == "__main__":
-    from .cli import entry_point
-
-    entry_point(main)
+    cli()

@@ -61,8 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary_path = out / "summary.json"
     action, ckpt_path = plan(cfg, out)
     if action == "skip":
-        print(f"{out}: already {json.loads(summary_path.read_text())['status']}; skipped (resume=never retrains)")
-        return json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
+        print(f"{out}: already {summary['status']}; skipped (resume=never retrains)")
+        return summary
     if action == "resume":
         print(f"{out}: resuming from {ckpt_path}")
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from .losses.grpo import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from .losses.sami import CRITICS
 from .models import is_local_path
 from .principles import PrincipleSet
+from .sweeps import RESUME_MODES
 
 
 def _get(cfg: DictConfig, key: str, default=None):
@@ -102,7 +103,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     elif is_local_path(name) and not Path(name).expanduser().exists():
         p.append(f"model.name_or_path: folder {name!r} does not exist. Point it at a saved checkpoint folder or a hub id")
 
-    if _get(cfg, "resume", "auto") not in ("auto", "never"):
+    if _get(cfg, "resume", "auto") not in RESUME_MODES:
         p.append(f"resume must be auto or never; got {_get(cfg, 'resume')!r}. Set resume=auto")
     ckpt = _get(cfg, "ckpt_path")
     if ckpt and not Path(str(ckpt)).expanduser().exists():

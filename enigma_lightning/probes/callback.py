@@ -22,6 +22,7 @@ class ProbeCallback(L.Callback):
         self.fisher_rao_layers, self.epsilon, self.max_points = fisher_rao_layers, epsilon, max_points
         self.batch_size, self.questions, self.write_files = batch_size, questions, write_files
         self._reference = None
+        self._texts: dict[str, list[str]] | None = None  # the probe set, rendered once
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -47,8 +48,10 @@ class ProbeCallback(L.Callback):
         if step % self.every_n_steps != 0 or not trainer.is_global_zero:
             return
         policy = pl_module.policy  # with LoRA, the adapted model
-        texts = probe_texts(pl_module.tokenizer, pl_module.prompt, pl_module.principles, self.questions,
-                            self.num_questions, pl_module.seed)
+        if self._texts is None:
+            self._texts = probe_texts(pl_module.tokenizer, pl_module.prompt, pl_module.principles, self.questions,
+                                      self.num_questions, pl_module.seed)
+        texts = self._texts
         was_training = policy.training
         policy.eval()
         try:

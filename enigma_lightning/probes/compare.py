@@ -19,10 +19,10 @@ def probe_texts(tok, prompt, principles, questions: str = "bundled_eval", num_qu
     """Prompts under the principle and its antithesis, and the teacher-forced completions (prefill removed)."""
     import random
 
-    from ..data import bundled_path, load_rows
+    from ..data import load_rows
     from ..prompts import format_completion
 
-    rows = load_rows(str(bundled_path("eval")) if questions == "bundled_eval" else questions)
+    rows = load_rows(questions)
     rows = [r for r in rows if r.get("rationale")]
     random.Random(seed).shuffle(rows)
     rows = rows[:num_questions]
@@ -49,11 +49,10 @@ def _batches(tok, prompts: list[str], completions: list[str], batch_size: int, d
         yield ids.to(device), attn.to(device), comp.to(device)
 
 
-def _logit_lens(model, hidden: torch.Tensor, is_last: bool) -> torch.Tensor:
-    if not is_last:
-        norm = getattr(model.get_decoder(), "norm", None)
-        hidden = norm(hidden) if norm is not None else hidden
-    return model.get_output_embeddings()(hidden)
+def _logit_lens(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits read from an intermediate layer: the final norm, then the unembedding."""
+    norm = getattr(model.get_decoder(), "norm", None)
+    return model.get_output_embeddings()(norm(hidden) if norm is not None else hidden)
 
 
 @torch.no_grad()
@@ -92,8 +91,8 @@ def compare(policy, reference, tok, texts: dict[str, list[str]], layers: list[in
             ref[layer].append(hr[comp].float().cpu())
             last = layer == n_layers - 1
             if fisher_rao_layers == "all" or last:
-                lp = op.logits[predicts] if last else _logit_lens(policy, hp[predicts], False)
-                lr = orf.logits[predicts] if last else _logit_lens(reference, hr[predicts], False)
+                lp = op.logits[predicts] if last else _logit_lens(policy, hp[predicts])
+                lr = orf.logits[predicts] if last else _logit_lens(reference, hr[predicts])
                 fr_sum[layer] += float(geo.fisher_rao(lp, lr).sum())
     anti = (hidden_clouds(reference, tok, texts["antithesis"], texts["completions"], layers, batch_size)
             if "antithesis" in texts else None)
