@@ -104,7 +104,8 @@ def run_ours(args) -> dict:
                  f"data.batch_size={args.prompts * args.G}", f"rollout.max_new_tokens={args.max_new_tokens}",
                  f"rollout.min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
                  f"rollout.temperature={args.temperature}", f"grpo.loss_type={args.loss_type}",
-                 "grpo.importance_sampling_level=sequence", "logger=none", f"seed={args.seed}"]
+                 "grpo.importance_sampling_level=sequence", "logger=none", f"seed={args.seed}",
+                 f"model.gradient_checkpointing={args.gradient_checkpointing}"]
     overrides += EXTRA.get(args.config, [])
     if "sami" not in loss and loss != "full":
         overrides.append("encoder=none")  # nothing reads it; TRL loads no encoder either
@@ -114,6 +115,7 @@ def run_ours(args) -> dict:
         cfg = compose("train", overrides=overrides)
     torch.manual_seed(args.seed)
     module = build_module(cfg).to(args.device)
+    module.sync_timings = True  # per-phase figures are device times on GPU
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     rows = _prompts(args.prompts * (args.warmup + args.steps), instantiate(cfg.prompt), module.tokenizer,
@@ -138,7 +140,7 @@ def run_ours(args) -> dict:
         t3 = time.perf_counter()
         if i >= args.warmup:
             phases = dict(module.last_timings, backward=t2 - t1, optimizer=t3 - t2)
-            steps.append({"step": t3 - t0, "phases": phases, "tokens": module.last_completion_tokens})
+            steps.append({"step": t3 - t0, "phases": phases, "tokens": int(module.last_completion_tokens)})
     return {"steps": steps, "peak_memory_gib": _peak_memory(args.device)}
 
 
@@ -186,7 +188,7 @@ def run_trl(args) -> dict:
         loss_type=args.loss_type, importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.0,
         learning_rate=3e-5, adam_beta2=0.99, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0,
         max_steps=args.warmup + args.steps, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=args.device == "cpu", bf16=False, seed=args.seed, shuffle_dataset=False, disable_tqdm=True,
+        use_cpu=args.device == "cpu", bf16=False, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, shuffle_dataset=False, disable_tqdm=True,
         generation_kwargs={"min_new_tokens": args.max_new_tokens} if args.fixed_length else None,
         dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, correctness_reward], args=config,
@@ -210,6 +212,7 @@ def _spawn(args, framework: str, config: str) -> dict:
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     cmd.append("--fixed-length" if args.fixed_length else "--no-fixed-length")
+    cmd.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
@@ -254,6 +257,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing in both frameworks (TRL's own default is on; the embedded preset's off)")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bandwidth-gbs", type=float, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -270,7 +275,7 @@ def main() -> None:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G}, "
           f"{args.max_new_tokens} new tokens{' (fixed length)' if args.fixed_length else ''}, loss_type "
-          f"{args.loss_type}, sequence-level IS; {args.warmup} warm-up + {args.steps} timed steps\n")
+          f"{args.loss_type}, sequence-level IS, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; {args.warmup} warm-up + {args.steps} timed steps\n")
     results = {c: _spawn(args, "ours", c) for c in configs}
     trl = _spawn(args, "trl", "grpo") if args.trl else None
     base = statistics.mean(s["step"] for s in results["grpo"]["steps"]) if "grpo" in results else None

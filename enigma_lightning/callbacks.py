@@ -23,13 +23,28 @@ class StepTimer(L.Callback):
     """Logs ``perf/step_time`` (rollout + forward + backward + optimiser), ``perf/tokens_per_s`` (completion
     tokens of the step / step time), and for each timed phase (``generation``, ``reward``, ``reference`` forward,
     ``policy_forward``, each loss term's own computation, e.g. ``ot``) ``perf/<phase>_time`` in seconds and
-    ``perf/<phase>_share`` of the step."""
+    ``perf/<phase>_share`` of the step.
+
+    On GPU the step does not wait for the device, so phase times are host-side times; ``sync_cuda=true``
+    (``callbacks.timer.sync_cuda=true``) synchronises at each phase boundary for true device times, at the cost of
+    those syncs."""
+
+    def __init__(self, sync_cuda: bool = False):
+        self.sync_cuda = sync_cuda
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.sync_timings = self.sync_cuda
+
+    def _now(self, pl_module) -> float:
+        if self.sync_cuda and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self._now(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        dt = time.perf_counter() - self._t0
+        dt = self._now(pl_module) - self._t0
         pl_module.log("perf/step_time", dt, on_step=True, on_epoch=False)
         pl_module.log("perf/tokens_per_s", pl_module.last_completion_tokens / max(dt, 1e-9), on_step=True,
                       on_epoch=False)

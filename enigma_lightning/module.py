@@ -82,6 +82,7 @@ class EnigmaModule(L.LightningModule):
         self.last_samples: list[dict] = []
         self.last_completion_tokens = 0
         self.last_timings: dict[str, float] = {}
+        self.sync_timings = False  # wait for the device before reading the clock (benchmarks; callbacks.timer)
         self.val_best: float | None = None
 
     @property
@@ -100,22 +101,28 @@ class EnigmaModule(L.LightningModule):
         """Completions sampled per rendered prompt (m = G / K)."""
         return self.grpo.num_generations // self.num_variants
 
+    def _clock(self) -> float:
+        """The phase clock. On GPU the step runs ahead of the device, so phase times are host times unless
+        ``sync_timings`` (then each reading waits for the device: true phase times, at the cost of syncs)."""
+        if self.sync_timings and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _seed_step(self) -> None:
         s = hash((self.seed, self.global_step, self.global_rank)) % (2**31)
         torch.manual_seed(s)
         random.seed(s)
 
     def _forward(self, model, ro, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 num_generations: int | None = None):
-        """Completion log-probs and, when a term reads them, {layer: completion-token hidden states [B, T, D]}.
-        ``rows`` optionally gives (prompt rows, completion rows) to pair; prompts repeat ``num_generations`` times."""
+                 num_generations: int | None = None, compute_logps: bool = True):
+        """Completion log-probs (None when not ``compute_logps``) and {layer: completion-token hidden states
+        [B, T, D]} for the layers the terms read. ``rows`` optionally gives (prompt rows, completion rows) to pair;
+        by construction each prompt row repeats ``num_generations`` times in a row (no check, no device sync)."""
         p_rows, c_rows = rows if rows is not None else (slice(None), slice(None))
-        logps, hidden = per_token_logps(
+        return per_token_logps(
             model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows], ro.completion_mask[c_rows],
-            self.sampling.temperature, output_hidden_states=bool(self.hidden_layers),
-            num_generations=num_generations or self.per_prompt)
-        t = ro.completion_ids.size(1)
-        return logps, ({layer: hidden[layer][:, -t:] for layer in self.hidden_layers} if hidden else {})
+            self.sampling.temperature, hidden_layers=self.hidden_layers,
+            num_generations=num_generations or self.per_prompt, shared_prompt=True, compute_logps=compute_logps)
 
     def _sami_forward(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """One batched forward over every (question, prompt variant i', completion j) cell: SAMI's K x G scores
@@ -150,7 +157,7 @@ class EnigmaModule(L.LightningModule):
         with torch.no_grad():
             off_logps, _ = per_token_logps(
                 self.policy, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows],
-                ro.completion_mask[c_rows], self.sampling.temperature, num_generations=g - m)
+                ro.completion_mask[c_rows], self.sampling.temperature, num_generations=g - m, shared_prompt=True)
             off_mask = ro.completion_mask[c_rows].to(off_logps.dtype)
             off = torch.zeros(q, k, g, dtype=matched.dtype, device=self.device)
             qi, ii, ji = (torch.tensor(x, device=self.device) for x in zip(*cells, strict=True))
@@ -160,41 +167,43 @@ class EnigmaModule(L.LightningModule):
         return logps, hidden, scores
 
     def _reference_forward(self, ro):
-        """One reference forward serves the KL (log-probs) and OT (hidden states)."""
+        """One reference forward serves the KL (log-probs, only when ``grpo.beta != 0``) and OT (hidden states)."""
+        need_logps = self.grpo.needs_reference
         if self.reference is not None:
-            return self._forward(self.reference, ro)
+            return self._forward(self.reference, ro, compute_logps=need_logps)
         with self.policy.disable_adapter():
-            return self._forward(self.policy, ro)
+            return self._forward(self.policy, ro, compute_logps=need_logps)
 
     def _new_rollout(self, batch: dict[str, list]) -> dict[str, Any]:
         self._seed_step()
         g = self.grpo.num_generations
         prompts = self.render(batch["source"], self.variants)  # (question, variant) order
-        t0 = time.perf_counter()
+        t0 = self._clock()
         seeds = row_seeds(self.seed, self.global_step, prompts, self.per_prompt) if self.sampling.seed_per_prompt \
             else None
         ro = generate(self.policy, self.tokenizer, prompts, self.per_prompt, self.sampling,
                       prefill=self.prompt.prefill, seeds=seeds, synced_gpus=self._sharded)
-        gen_time = time.perf_counter() - t0
+        gen_time = self._clock() - t0
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
         rep_prompts = [p for p in prompts for _ in range(self.per_prompt)]
-        t0 = time.perf_counter()
+        t0 = self._clock()
         per_func, total = self.reward(rep_prompts, ro.completions, **columns)
-        reward_time = time.perf_counter() - t0
+        reward_time = self._clock() - t0
         advantages, std_zero = self.grpo.advantages(total.to(self.device))
         mask = ro.completion_mask
         if self.grpo.mask_truncated_completions:
             mask = mask * (~ro.truncated).unsqueeze(1).long()
-        buf = dict(ro=ro, mask=mask, advantages=advantages, rewards=total, per_func=per_func, std_zero=std_zero,
+        buf = dict(ro=ro, mask=mask, advantages=advantages, rewards=total, reward_list=total.tolist(),
+                   per_func=per_func, std_zero=std_zero,
                    gen_time=gen_time, reward_time=reward_time, columns=columns, prompts=rep_prompts, old_logps=None,
                    ref_logps=None, ref_hidden={}, ref_time=0.0)
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
                 buf["old_logps"] = self._forward(self.policy, ro)[0]
             if self.reference is not None or self.uses_adapter_reference:
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 buf["ref_logps"], buf["ref_hidden"] = self._reference_forward(ro)
-                buf["ref_time"] = time.perf_counter() - t0
+                buf["ref_time"] = self._clock() - t0
         return buf
 
     # ---- distributed ---------------------------------------------------------------------------------------------
@@ -237,12 +246,12 @@ class EnigmaModule(L.LightningModule):
         extras: dict[str, Any] = {"max_completion_length": self.sampling.max_new_tokens, "step": self.global_step,
                                   "ref_hidden": buf["ref_hidden"],
                                   "num_questions": ro.prompt_ids.size(0) // self.grpo.num_generations}
-        t0 = time.perf_counter()
+        t0 = self._clock()
         if self.sami is not None and self.sami.critic == "logprob":  # the forward also re-scores for SAMI
             logps, hidden, extras["sami_scores"] = self._sami_forward(ro)
         else:
             logps, hidden = self._forward(self.policy, ro)
-        forward_time = time.perf_counter() - t0
+        forward_time = self._clock() - t0
         if self.sami is not None and self.sami.critic == "encoder":
             extras["variant_embeddings"] = self.variant_embeddings
         extras["hidden"] = hidden
@@ -256,9 +265,9 @@ class EnigmaModule(L.LightningModule):
                              "reward": buf["reward_time"] if fresh else 0.0,
                              "reference": buf["ref_time"] if fresh else 0.0, "policy_forward": forward_time}
         for name, term in self.terms.items():
-            t0 = time.perf_counter()
+            t0 = self._clock()
             loss, term_metrics = term(inputs)
-            self.last_timings[name] = time.perf_counter() - t0
+            self.last_timings[name] = self._clock() - t0
             total = total + term.weight * loss
             metrics[f"train/{name}/loss"] = loss.detach()
             metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items()})
@@ -268,15 +277,15 @@ class EnigmaModule(L.LightningModule):
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=logps.size(0), sync_dist=self._distributed)
         self.log("reward", metrics["train/reward/mean"], prog_bar=True, logger=False, batch_size=logps.size(0))
         self.log("format", metrics["train/format/strict_rate"], prog_bar=True, logger=False, batch_size=logps.size(0))
-        self.last_completion_tokens = int(ro.completion_mask.sum())
+        self.last_completion_tokens = ro.completion_mask.sum()  # a tensor: read when logged, not now
         return total
 
-    def _rollout_metrics(self, buf: dict[str, Any]) -> dict[str, float]:
+    def _rollout_metrics(self, buf: dict[str, Any]) -> dict[str, Any]:
         ro, rewards = buf["ro"], buf["rewards"]
         m = rollout_metrics(ro, rewards, buf["per_func"], buf["std_zero"], buf["advantages"], self.reward.names)
         self.last_samples = [
             {"step": self.global_step, "prompt": p, "completion": c, "reward": float(r), "target": t}
-            for p, c, r, t in zip(buf["prompts"], ro.completions, rewards.tolist(),
+            for p, c, r, t in zip(buf["prompts"], ro.completions, buf["reward_list"],
                                   buf["columns"].get("target", [None] * len(rewards)), strict=True)
         ][: self.num_samples_kept]
         return m

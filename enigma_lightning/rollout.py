@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,28 +137,46 @@ class PerRowGumbel:
 
 
 def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                    completion_mask: Tensor, temperature: float = 1.0, output_hidden_states: bool = False,
-                    num_generations: int = 1) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-    """Log-probs [B, T] of the completion tokens (logits divided by the sampling temperature, as TRL does), and the
-    hidden states [B, P + T, D] of all layers when asked (one forward serves both).
+                    completion_mask: Tensor, temperature: float = 1.0, hidden_layers: Sequence[int] = (),
+                    num_generations: int = 1, shared_prompt: bool | None = None,
+                    compute_logps: bool = True) -> tuple[Tensor | None, dict[int, Tensor]]:
+    """Log-probs [B, T] (float32) of the completion tokens, logits divided by the sampling temperature (as TRL
+    does), and ``{layer: hidden states [B, T, D] at the completion positions}`` for each of ``hidden_layers``
+    (indices into the model's ``hidden_states``; one forward serves both). ``compute_logps=False`` skips the
+    unembedding and the log-softmax (a reference forward that only feeds hidden states) and returns ``None``.
 
     Shared prompt: when each run of ``num_generations`` consecutive rows has the same prompt (as a rollout's groups
     do), the prompt is run once per group and its KV cache repeated G times before the completions are run on top
     of it. Gradients flow through the cache, so values and gradients equal the plain forward's, for about G times
-    less prompt compute and activation memory. Falls back to the plain forward when rows differ or under gradient
-    checkpointing (which disables the cache).
+    less prompt compute and activation memory. ``shared_prompt=True`` asserts that layout (callers that built the
+    rows know it: no comparison, no host-device sync); ``None`` compares the rows. Falls back to the plain forward
+    when rows differ or under gradient checkpointing (which disables the cache).
     """
-    if num_generations > 1 and _groups_share_prompt(prompt_ids, num_generations) and not checkpointing(model):
-        return _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-                                    output_hidden_states, num_generations)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    g = num_generations
+    shared = g > 1 and not checkpointing(model) and (
+        shared_prompt if shared_prompt is not None else _groups_share_prompt(prompt_ids, g))
     t = completion_ids.size(1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=t + 1,
-                output_hidden_states=output_hidden_states, use_cache=False)
-    logits = out.logits[:, :-1, :].float() / temperature  # [B, T, V]
-    logps = selective_log_softmax(logits, completion_ids)
-    return logps, (out.hidden_states if output_hidden_states else None)
+    keep = t + 1 if compute_logps else 1
+    want_hidden = bool(hidden_layers)
+    if shared:
+        if prompt_ids.size(0) % g:
+            raise ValueError(f"shared_prompt: {prompt_ids.size(0)} rows are not groups of {g}")
+        out_p = model(input_ids=prompt_ids[::g], attention_mask=prompt_mask[::g], logits_to_keep=1, use_cache=True)
+        cache = out_p.past_key_values
+        cache.batch_repeat_interleave(g)  # differentiable: gradients reach the prompt's keys and values
+        out = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                    past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
+                    logits_to_keep=t if compute_logps else 1)
+        head = out_p.logits[:, -1:, :].repeat_interleave(g, dim=0)  # predicts completion token 0
+    else:
+        out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), logits_to_keep=keep,
+                    output_hidden_states=want_hidden, use_cache=False)
+        head = None
+    hidden = {layer: out.hidden_states[layer][:, -t:] for layer in hidden_layers} if want_hidden else {}
+    if not compute_logps:
+        return None, hidden
+    return selective_log_softmax(out.logits, completion_ids, temperature, head=head), hidden
 
 
 def checkpointing(model: nn.Module) -> bool:
@@ -172,28 +191,60 @@ def _groups_share_prompt(prompt_ids: Tensor, g: int) -> bool:
     return b % g == 0 and torch.equal(prompt_ids, prompt_ids[::g].repeat_interleave(g, dim=0))
 
 
-def _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-                         output_hidden_states, g):
-    out_p = model(input_ids=prompt_ids[::g], attention_mask=prompt_mask[::g], logits_to_keep=1, use_cache=True,
-                  output_hidden_states=output_hidden_states)  # [B/G, P] once per group
-    cache = out_p.past_key_values
-    cache.batch_repeat_interleave(g)  # differentiable: gradients reach the prompt's keys and values
-    out_c = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
-                  past_key_values=cache, use_cache=True, output_hidden_states=output_hidden_states)
-    first = out_p.logits[:, -1:, :].repeat_interleave(g, dim=0)  # predicts completion token 0
-    logits = torch.cat([first, out_c.logits[:, :-1, :]], dim=1).float() / temperature  # [B, T, V]
-    logps = selective_log_softmax(logits, completion_ids)
-    hidden = None
-    if output_hidden_states:
-        hidden = tuple(torch.cat([hp.repeat_interleave(g, dim=0), hc], dim=1)
-                       for hp, hc in zip(out_p.hidden_states, out_c.hidden_states, strict=True))
-    return logps, hidden
+def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0, head: Tensor | None = None) -> Tensor:
+    """``log_softmax(logits / temperature)`` at ``index`` [B, T], in float32 (float64 for float64 logits), one row at
+    a time.
+
+    Position t of row b reads ``logits[b, t]``; with ``head`` [B, h, V] the first h positions read ``head`` and
+    position t >= h reads ``logits[b, t - h]`` (the completion's first token is predicted by the prompt's last
+    position). Positions of ``logits`` past T - h are ignored (their gradient is zero). Neither the scaled logits,
+    their float32 copy nor the log-softmax is materialised for the whole batch: forward and backward work on one
+    [T, V] row at a time (the backward recomputes the row's softmax from the saved logits and log-normaliser), so
+    the extra memory is one row, whatever the vocabulary.
+    """
+    return _SelectiveLogSoftmax.apply(logits, index, float(temperature), head)
 
 
-def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
-    """log_softmax(logits)[..., index] without materialising the full log-softmax (row by row)."""
-    out = []
-    for row_logits, row_index in zip(logits, index, strict=True):
-        picked = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(out)
+def _row(logits: Tensor, head: Tensor | None, b: int, t: int, temperature: float) -> Tensor:
+    """Row b's logits over the T positions, at least float32, divided by the temperature (a fresh tensor)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if head is None:
+        row = logits[b, :t].to(dtype)
+    else:
+        row = torch.cat([head[b], logits[b, : t - head.size(1)]]).to(dtype)
+    return row / temperature if temperature != 1.0 else row.clone()
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, index, temperature, head):
+        b, t = index.shape
+        out = torch.empty(b, t, dtype=torch.promote_types(logits.dtype, torch.float32), device=index.device)
+        lse = torch.empty_like(out)
+        for i in range(b):
+            row = _row(logits, head, i, t, temperature)
+            lse[i] = torch.logsumexp(row, dim=-1)
+            out[i] = row.gather(-1, index[i].unsqueeze(-1)).squeeze(-1) - lse[i]
+        ctx.save_for_backward(logits, index, lse, *(() if head is None else (head,)))
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, index, lse, *rest = ctx.saved_tensors
+        head = rest[0] if rest else None
+        temperature = ctx.temperature
+        b, t = index.shape
+        h = 0 if head is None else head.size(1)
+        grad_logits = torch.empty_like(logits)
+        grad_logits[:, t - h :].zero_()  # positions past the completion (the last, unused logits)
+        grad_head = None if head is None else torch.empty_like(head)
+        for i in range(b):
+            g = (grad[i].to(lse.dtype) / temperature).unsqueeze(-1)  # [T, 1]
+            # d/d logits of (x_idx - logsumexp(x)) / T: (onehot - softmax) / T, scaled by the incoming gradient
+            p = _row(logits, head, i, t, temperature).sub_(lse[i].unsqueeze(-1)).exp_().mul_(-g)
+            p.scatter_add_(-1, index[i].unsqueeze(-1), g)
+            if head is not None:
+                grad_head[i].copy_(p[:h])
+            grad_logits[i, : t - h].copy_(p[h:])
+        return grad_logits, None, None, grad_head

@@ -57,7 +57,8 @@ def score_matrices(model, tok, prompt, variants: list[str], questions: list[str]
         p_rows = (qi * k + vi).expand(n, k, k).reshape(-1)
         c_rows = (qi * k + ji).expand(n, k, k).reshape(-1)
         logps, _ = per_token_logps(model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows],
-                                   ro.completion_mask[c_rows], sampling.temperature, num_generations=k)
+                                   ro.completion_mask[c_rows], sampling.temperature, num_generations=k,
+                                   shared_prompt=True)
         mask = ro.completion_mask[c_rows].float()
         out.append(((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(n, k, k))
     return torch.cat(out)

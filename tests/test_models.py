@@ -101,18 +101,72 @@ def test_shared_prompt_forward_equals_plain_forward(tiny_dir):
     prompts = [PromptTemplate(system="{principles}").render(tok, q, "Be clear.") for q in ("What is 2 + 2?", "Hi")]
     ro = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10))
     args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
+    layers = (0, 1, -1)
     results = []
     for g in (1, 3):
         model.zero_grad()
-        logps, hidden = per_token_logps(model, *args, output_hidden_states=True, num_generations=g)
-        (logps * ro.completion_mask).sum().backward()
+        logps, hidden = per_token_logps(model, *args, hidden_layers=layers, num_generations=g)
+        assert sorted(hidden) == sorted(layers) and hidden[-1].shape[:2] == ro.completion_ids.shape
+        ((logps * ro.completion_mask).sum() + hidden[-1].pow(2).mean()).backward()
         grads = [p.grad.clone() for p in model.parameters()]
-        results.append((logps.detach(), [h.detach() for h in hidden], grads))
+        results.append((logps.detach(), {k: h.detach() for k, h in hidden.items()}, grads))
     (lp1, h1, g1), (lp3, h3, g3) = results
     m = ro.completion_mask.bool()
     torch.testing.assert_close(lp3[m], lp1[m], rtol=1e-4, atol=1e-5)
-    keep = torch.cat([ro.prompt_mask, ro.completion_mask], 1).bool()
-    for a, b in zip(h1, h3, strict=True):
-        torch.testing.assert_close(b[keep], a[keep], rtol=1e-4, atol=1e-4)
+    for layer in layers:
+        torch.testing.assert_close(h3[layer][m], h1[layer][m], rtol=1e-4, atol=1e-4)
     for a, b in zip(g1, g3, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+def test_selective_log_softmax_values_and_gradients_match_autograd():
+    """The row-by-row function with the temperature folded in, with and without a separate first position (the
+    prompt's last logits), against log_softmax(cat / T) and autograd's own gradient, in float32 and bfloat16."""
+    torch.manual_seed(0)
+    b, t, v, temp = 3, 5, 17, 0.7
+    index = torch.randint(0, v, (b, t))
+    weights = torch.randn(b, t)
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.randn(b, 1, v).to(dtype).requires_grad_()
+        tail = torch.randn(b, t, v).to(dtype).requires_grad_()  # its last position is unused, as in the model's
+        for use_head in (False, True):
+            full = torch.cat([head, tail[:, : t - 1]], 1) if use_head else tail[:, :t]
+            expected = torch.log_softmax(full.float() / temp, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+            exp_grads = torch.autograd.grad((expected * weights).sum(), [head, tail], allow_unused=True)
+            got = selective_log_softmax(tail, index, temp, head=head if use_head else None)
+            assert got.dtype == torch.float32
+            got_grads = torch.autograd.grad((got * weights).sum(), [head, tail], allow_unused=True)
+            torch.testing.assert_close(got, expected)
+            for e, g in zip(exp_grads, got_grads, strict=True):
+                if e is None:
+                    assert g is None
+                else:
+                    assert g.dtype == dtype
+                    torch.testing.assert_close(g.float(), e.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 1, 6, dtype=torch.float64, requires_grad=True)
+    i = torch.randint(0, 6, (2, 3))
+    assert torch.autograd.gradcheck(lambda a, c: selective_log_softmax(a, i, 1.3, head=c), (x, h))
+
+
+def test_reference_forward_without_logits_and_asserted_sharing(tiny_dir, monkeypatch):
+    """compute_logps=False returns the same hidden states and no log-probs; shared_prompt=True does not compare the
+    prompt rows (no device sync); the default (None) does."""
+    spec = ModelSpec(name_or_path=str(tiny_dir))
+    tok, model = load_tokenizer(spec), load_policy(spec)
+    prompts = [PromptTemplate(system="{principles}").render(tok, q, "Be clear.") for q in ("What is 2 + 2?", "Hi")]
+    ro = generate(model, tok, prompts, 2, SamplingConfig(max_new_tokens=6))
+    args = (model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
+    with torch.no_grad():
+        _, full = per_token_logps(*args, hidden_layers=[-1], num_generations=2)
+        compared = []
+        real_equal = torch.equal
+        monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(1) or real_equal(a, b))
+        logps, hidden = per_token_logps(*args, hidden_layers=[-1], num_generations=2, shared_prompt=True,
+                                        compute_logps=False)
+        assert not compared
+        per_token_logps(*args, num_generations=2)
+        assert compared
+    assert logps is None
+    torch.testing.assert_close(hidden[-1], full[-1])

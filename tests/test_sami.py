@@ -175,3 +175,43 @@ def test_sami_projection_saved_once(make_cfg):
     module, _ = _module(make_cfg, "loss=[grpo,sami]", "sami.critic=encoder")
     keys = [k for k in module.state_dict() if "projection" in k]
     assert keys == ["term_modules.sami.projection.weight", "term_modules.sami.projection.bias"]
+
+
+@pytest.mark.parametrize("loss", ["grpo", "[grpo,sami]"])
+def test_step_after_rollout_reads_nothing_back_from_the_device(make_cfg, monkeypatch, loss):
+    """Forward, loss terms, metrics and backward never read a tensor back to the host (``.item()``, ``tolist``,
+    ``bool``/``int``/``float`` of a tensor, ``torch.equal``): on a GPU the step does not wait for the device.
+    (Generation and reward scoring must, to decode text; so does the OT term, whose cloud size is data-dependent.)
+    The rollout is made beforehand; the watch is on calls made from the package's own files."""
+    module, cfg = _module(make_cfg, f"loss={loss}", "grpo.num_generations=4", "grpo.beta=0.04")
+    dm = instantiate(cfg.data)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    buf = module._new_rollout(batch)
+    monkeypatch.setattr(module, "_new_rollout", lambda b: buf)
+
+    import sys
+    from pathlib import Path
+
+    import enigma_lightning
+
+    package = str(Path(enigma_lightning.__file__).parent)
+    reads = []
+
+    def watched(original):
+        def wrapper(*args, **kwargs):  # our code may not read tensors back; transformers' own forward does, as in TRL
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                reads.append(f"{caller}:{sys._getframe(1).f_lineno}")
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, watched(getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "equal", watched(torch.equal))
+    loss_value = module.training_step(batch, 0)
+    loss_value.backward()
+    monkeypatch.undo()
+    assert reads == []
+    assert torch.isfinite(loss_value)
+    assert any(p.grad is not None and p.grad.any() for p in module.policy.parameters())

@@ -1,4 +1,7 @@
-"""Per-step metrics of a rollout: rewards, advantages, format, lengths (``train/...``, see docs/metrics.md)."""
+"""Per-step metrics of a rollout: rewards, advantages, format, lengths (``train/...``, see docs/metrics.md).
+
+Values are detached 0-d tensors (or Python numbers where they come from text), never ``.item()``: the step does not
+wait for the device; Lightning converts them when it logs."""
 
 from __future__ import annotations
 
@@ -9,18 +12,18 @@ from ..rewards import is_strict
 
 
 def rollout_metrics(ro, rewards: torch.Tensor, per_func: torch.Tensor, std_zero: torch.Tensor,
-                    advantages: torch.Tensor, reward_names: list[str]) -> dict[str, float]:
+                    advantages: torch.Tensor, reward_names: list[str]) -> dict[str, torch.Tensor | float]:
     lengths = ro.lengths.float()
     m = {
-        "train/reward/mean": torch.nanmean(rewards).item(),
-        "train/reward/std": nanstd(rewards).item() if rewards.numel() > 1 else 0.0,  # unscorable rows ignored
-        "train/reward/frac_zero_std": std_zero.float().mean().item(),
-        "train/advantages/abs_mean": advantages.abs().mean().item(),
+        "train/reward/mean": torch.nanmean(rewards),
+        "train/reward/std": nanstd(rewards) if rewards.numel() > 1 else 0.0,  # unscorable rows ignored
+        "train/reward/frac_zero_std": std_zero.float().mean(),
+        "train/advantages/abs_mean": advantages.detach().abs().mean(),
         "train/format/strict_rate": sum(is_strict(c) for c in ro.completions) / len(ro.completions),
-        "train/completions/mean_length": lengths.mean().item(),
-        "train/completions/max_length": lengths.max().item(),
-        "train/completions/clipped_ratio": ro.truncated.float().mean().item(),
+        "train/completions/mean_length": lengths.mean(),
+        "train/completions/max_length": lengths.max(),
+        "train/completions/clipped_ratio": ro.truncated.float().mean(),
     }
     for i, name in enumerate(reward_names):
-        m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i]).item()
+        m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i])
     return m
