@@ -220,8 +220,16 @@ def _spawn(args, framework: str, config: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def bandwidth_share(tokens_per_s: float, weight_bytes: int, rows: int, gbs: float) -> tuple[float, float]:
+    """(the bandwidth-bound decoding rate in tokens/s, the measured rate's share of it). Each decoding step of a
+    batch of ``rows`` sequences streams every weight from memory at least once, so the batch can emit at most
+    ``rows * bandwidth / weight bytes`` tokens per second (KV-cache reads only lower the bound)."""
+    bound = rows * gbs * 1e9 / weight_bytes
+    return bound, tokens_per_s / bound
+
+
 def _bandwidth_bound(args, result: dict) -> str:
-    """Generation tokens/s as a share of the memory-bandwidth limit (every decoding step reads all weights)."""
+    """Generation tokens/s as a share of the memory-bandwidth limit (GPU only)."""
     import torch
 
     if not args.device.startswith("cuda"):
@@ -235,9 +243,9 @@ def _bandwidth_bound(args, result: dict) -> str:
     model = load_policy(ModelSpec(name_or_path=materialise_model(args), dtype=args.dtype))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = args.prompts * args.G
-    bound = rows * gbs * 1e9 / weight_bytes  # tokens/s if each decoding step only streamed the weights once
     gen = statistics.mean(s["tokens"] / s["phases"]["generation"] for s in result["steps"])
-    return f"  generation {gen:.0f} tok/s = {100 * gen / bound:.1f}% of the bandwidth limit {bound:.0f} tok/s " \
+    bound, share = bandwidth_share(gen, weight_bytes, rows, gbs)
+    return f"  generation {gen:.0f} tok/s = {100 * share:.1f}% of the bandwidth limit {bound:.0f} tok/s " \
            f"({gbs:.0f} GB/s, {weight_bytes / 2**30:.2f} GiB of weights, {rows} rows)"
 
 
@@ -282,7 +290,8 @@ def main() -> None:
     for c, r in results.items():
         mean_step = statistics.mean(s["step"] for s in r["steps"])
         tokens = statistics.mean(s["tokens"] for s in r["steps"])
-        print(f"loss={CONFIGS[c]}: step {mean_step:.2f} s (sd {statistics.pstdev(s['step'] for s in r['steps']):.2f})"
+        label = " ".join([f"loss={CONFIGS[c]}", *EXTRA.get(c, [])])
+        print(f"{label}: step {mean_step:.2f} s (sd {statistics.pstdev(s['step'] for s in r['steps']):.2f})"
               f", {tokens / mean_step:.1f} completion tok/s, peak memory {r['peak_memory_gib']:.2f} GiB"
               + (f", {mean_step / base:.2f}x loss=grpo" if base and c != "grpo" else ""))
         phases = r["steps"][0]["phases"].keys()

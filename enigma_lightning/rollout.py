@@ -205,26 +205,27 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     return _SelectiveLogSoftmax.apply(logits, index, float(temperature), head)
 
 
-def _row(logits: Tensor, head: Tensor | None, b: int, t: int, temperature: float) -> Tensor:
-    """Row b's logits over the T positions, at least float32, divided by the temperature (a fresh tensor)."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    if head is None:
-        row = logits[b, :t].to(dtype)
-    else:
-        row = torch.cat([head[b], logits[b, : t - head.size(1)]]).to(dtype)
-    return row / temperature if temperature != 1.0 else row.clone()
+def _segments(logits: Tensor, head: Tensor | None, index: Tensor, b: int):
+    """Row b as (logits [n, V], their target ids [n], positions) pieces: the head's positions, then the rest."""
+    t = index.size(1)
+    h = 0 if head is None else head.size(1)
+    if h:
+        yield head[b], index[b, :h], slice(0, h)
+    yield logits[b, : t - h], index[b, h:], slice(h, t)
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, index, temperature, head):
-        b, t = index.shape
-        out = torch.empty(b, t, dtype=torch.promote_types(logits.dtype, torch.float32), device=index.device)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.empty(index.shape, dtype=dtype, device=index.device)
         lse = torch.empty_like(out)
-        for i in range(b):
-            row = _row(logits, head, i, t, temperature)
-            lse[i] = torch.logsumexp(row, dim=-1)
-            out[i] = row.gather(-1, index[i].unsqueeze(-1)).squeeze(-1) - lse[i]
+        for i in range(index.size(0)):
+            for x, idx, pos in _segments(logits, head, index, i):
+                x = x.to(dtype)
+                x = x / temperature if temperature != 1.0 else x
+                lse[i, pos] = torch.logsumexp(x, dim=-1)
+                out[i, pos] = x.gather(-1, idx.unsqueeze(-1)).squeeze(-1) - lse[i, pos]
         ctx.save_for_backward(logits, index, lse, *(() if head is None else (head,)))
         ctx.temperature = temperature
         return out
@@ -234,17 +235,26 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         logits, index, lse, *rest = ctx.saved_tensors
         head = rest[0] if rest else None
         temperature = ctx.temperature
-        b, t = index.shape
+        t = index.size(1)
         h = 0 if head is None else head.size(1)
         grad_logits = torch.empty_like(logits)
         grad_logits[:, t - h :].zero_()  # positions past the completion (the last, unused logits)
         grad_head = None if head is None else torch.empty_like(head)
-        for i in range(b):
-            g = (grad[i].to(lse.dtype) / temperature).unsqueeze(-1)  # [T, 1]
-            # d/d logits of (x_idx - logsumexp(x)) / T: (onehot - softmax) / T, scaled by the incoming gradient
-            p = _row(logits, head, i, t, temperature).sub_(lse[i].unsqueeze(-1)).exp_().mul_(-g)
-            p.scatter_add_(-1, index[i].unsqueeze(-1), g)
-            if head is not None:
-                grad_head[i].copy_(p[:h])
-            grad_logits[i, : t - h].copy_(p[h:])
+        grads = (grad_logits,) if head is None else (grad_head, grad_logits)
+        for i in range(index.size(0)):
+            for (x, idx, pos), gbuf in zip(_segments(logits, head, index, i), grads, strict=True):
+                out = gbuf[i, : pos.stop - pos.start]
+                g = (grad[i, pos].to(lse.dtype) / temperature).unsqueeze(-1)  # [n, 1]
+                # d/dx of (x_idx - logsumexp(x)) / T: (onehot - softmax(x / T)) / T, times the incoming gradient;
+                # written in place into the gradient buffer when the logits are float32 (no temporary)
+                p = out if out.dtype == lse.dtype else torch.empty(out.shape, dtype=lse.dtype, device=out.device)
+                if temperature != 1.0 and x.dtype == p.dtype:
+                    torch.div(x, temperature, out=p)
+                else:
+                    p.copy_(x)  # (upcast first, then scale: the forward's order)
+                    if temperature != 1.0:
+                        p.div_(temperature)
+                p.sub_(lse[i, pos].unsqueeze(-1)).exp_().mul_(-g).scatter_add_(-1, idx.unsqueeze(-1), g)
+                if p is not out:
+                    out.copy_(p)
         return grad_logits, None, None, grad_head

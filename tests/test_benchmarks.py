@@ -25,6 +25,17 @@ def test_step_time_against_trl_on_the_tiny_model():
     assert len(out.split("step by step: ")[1].splitlines()[0].split(", ")) == 2  # one ratio per timed step
 
 
+def test_bandwidth_bound_of_decoding():
+    """The GPU report's arithmetic: 0.5B bf16 weights (1 GB) at 3350 GB/s bound 8 rows to 26,800 tokens/s."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from step_time import bandwidth_share
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    bound, share = bandwidth_share(2680.0, 10**9, 8, 3350.0)
+    assert bound == pytest.approx(26800.0) and share == pytest.approx(0.1)
+
+
 @pytest.mark.slow
 def test_step_time_on_a_real_architecture_at_random_init():
     out = _run("--model-shape", "qwen2.5-0.5b", "--configs", "grpo", "--steps", "1", "--warmup", "0",
