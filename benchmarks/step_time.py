@@ -16,7 +16,9 @@ plain text), reward functions, G, completion length, sampling settings, loss typ
 and prints the ratio of our ``loss=grpo`` step time to TRL's, step by step, with its spread.
 
 Rollouts are fixed-length by default (``--fixed-length``: EOS suppressed until ``--max-new-tokens``) so both
-frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS.
+frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS. Activation
+checkpointing is off in both by default (the embedded preset's setting; TRL's own default is on);
+``--gradient-checkpointing`` turns it on in both. Phase times wait for the device (``sync_timings``) on GPU.
 """
 
 from __future__ import annotations
