@@ -156,7 +156,6 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     shared = g > 1 and not checkpointing(model) and (
         shared_prompt if shared_prompt is not None else _groups_share_prompt(prompt_ids, g))
     t = completion_ids.size(1)
-    keep = t + 1 if compute_logps else 1
     want_hidden = bool(hidden_layers)
     if shared:
         if prompt_ids.size(0) % g:
@@ -167,15 +166,15 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
         out = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
                     past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
                     logits_to_keep=t if compute_logps else 1)
-        head = out_p.logits[:, -1:, :].repeat_interleave(g, dim=0)  # predicts completion token 0
     else:
         out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), logits_to_keep=keep,
-                    output_hidden_states=want_hidden, use_cache=False)
-        head = None
+                    attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                    logits_to_keep=t + 1 if compute_logps else 1, output_hidden_states=want_hidden, use_cache=False)
     hidden = {layer: out.hidden_states[layer][:, -t:] for layer in hidden_layers} if want_hidden else {}
     if not compute_logps:
         return None, hidden
+    # shared: the prompt's last position predicts completion token 0
+    head = out_p.logits[:, -1:, :].repeat_interleave(g, dim=0) if shared else None
     return selective_log_softmax(out.logits, completion_ids, temperature, head=head), hidden
 
 
