@@ -79,6 +79,7 @@ class EnigmaModule(L.LightningModule):
             emb = encoder.encode(self.variants) if self.sami.critic == "encoder" else torch.zeros(0)
             self.register_buffer("variant_embeddings", emb, persistent=False)
         self._buffer: dict[str, Any] | None = None
+        self._reference_prefixes: dict = {}  # the frozen reference's KV cache of shared prompt openings
         self.last_samples: list[dict] = []
         self.last_completion_tokens = 0
         self.last_timings: dict[str, float] = {}
@@ -113,16 +114,22 @@ class EnigmaModule(L.LightningModule):
         torch.manual_seed(s)
         random.seed(s)
 
+    def _prefixes(self, ro):
+        """The rollout's shared-prefix plan; under FSDP every prompt runs whole (every rank runs the same forwards)."""
+        return ro.prefixes.ungrouped() if self._sharded and ro.prefixes is not None else ro.prefixes
+
     def _forward(self, model, ro, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 num_generations: int | None = None, compute_logps: bool = True):
+                 num_generations: int | None = None, compute_logps: bool = True, prefix_store: dict | None = None):
         """Completion log-probs (None when not ``compute_logps``) and {layer: completion-token hidden states
         [B, T, D]} for the layers the terms read. ``rows`` optionally gives (prompt rows, completion rows) to pair;
-        by construction each prompt row repeats ``num_generations`` times in a row (no check, no device sync)."""
+        by construction each prompt row repeats ``num_generations`` times in a row and the distinct prompts are the
+        rollout's, in its order (no check, no device sync)."""
         p_rows, c_rows = rows if rows is not None else (slice(None), slice(None))
         return per_token_logps(
             model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows], ro.completion_mask[c_rows],
             self.sampling.temperature, hidden_layers=self.hidden_layers,
-            num_generations=num_generations or self.per_prompt, shared_prompt=True, compute_logps=compute_logps)
+            num_generations=num_generations or self.per_prompt, shared_prompt=True, compute_logps=compute_logps,
+            prefixes=self._prefixes(ro), prefix_store=prefix_store)
 
     def _sami_forward(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """One batched forward over every (question, prompt variant i', completion j) cell: SAMI's K x G scores
@@ -157,7 +164,8 @@ class EnigmaModule(L.LightningModule):
         with torch.no_grad():
             off_logps, _ = per_token_logps(
                 self.policy, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows],
-                ro.completion_mask[c_rows], self.sampling.temperature, num_generations=g - m, shared_prompt=True)
+                ro.completion_mask[c_rows], self.sampling.temperature, num_generations=g - m, shared_prompt=True,
+                prefixes=self._prefixes(ro))
             off_mask = ro.completion_mask[c_rows].to(off_logps.dtype)
             off = torch.zeros(q, k, g, dtype=matched.dtype, device=self.device)
             qi, ii, ji = (torch.tensor(x, device=self.device) for x in zip(*cells, strict=True))
@@ -167,12 +175,13 @@ class EnigmaModule(L.LightningModule):
         return logps, hidden, scores
 
     def _reference_forward(self, ro):
-        """One reference forward serves the KL (log-probs, only when ``grpo.beta != 0``) and OT (hidden states)."""
-        need_logps = self.grpo.needs_reference
+        """One reference forward serves the KL (log-probs, only when ``grpo.beta != 0``) and OT (hidden states).
+        The reference is frozen, so the KV cache of the prompts' shared openings is kept from step to step."""
+        kwargs = dict(compute_logps=self.grpo.needs_reference, prefix_store=self._reference_prefixes)
         if self.reference is not None:
-            return self._forward(self.reference, ro, compute_logps=need_logps)
+            return self._forward(self.reference, ro, **kwargs)
         with self.policy.disable_adapter():
-            return self._forward(self.policy, ro, compute_logps=need_logps)
+            return self._forward(self.policy, ro, **kwargs)
 
     def _new_rollout(self, batch: dict[str, list]) -> dict[str, Any]:
         self._seed_step()

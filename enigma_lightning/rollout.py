@@ -1,4 +1,7 @@
-"""Rollout: G sampled completions per prompt, masks up to the first EOS, truncation flags, per-token log-probs."""
+"""Rollout: G sampled completions per prompt, masks up to the first EOS, truncation flags, per-token log-probs.
+
+Both generation and the training forwards run each distinct prompt once, and the opening tokens that prompts share
+once (:mod:`enigma_lightning.prefix`), then repeat the prompt's KV cache over its completions."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .prefix import PrefixPlan, prefill_prompts
 
 
 @dataclass
@@ -31,6 +36,7 @@ class Rollout:
     completion_mask: Tensor  # [B, T] 1 up to and including the first EOS
     truncated: Tensor  # [B] bool: no EOS within max_new_tokens
     completions: list[str]  # decoded completions, assistant prefill prepended
+    prefixes: PrefixPlan | None = None  # shared openings of the distinct prompts (rows[::G]); host data
 
     @property
     def lengths(self) -> Tensor:
@@ -66,8 +72,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
                     truncation=sampling.max_prompt_length is not None, max_length=sampling.max_prompt_length)
     g = 1 if greedy else num_generations
-    prompt_ids = enc["input_ids"].to(device).repeat_interleave(g, dim=0)
-    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(g, dim=0)
+    plan = PrefixPlan.from_prompts(enc["input_ids"], enc["attention_mask"])  # on the host, before the copy
+    ids, am = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    prompt_ids, prompt_mask = ids.repeat_interleave(g, dim=0), am.repeat_interleave(g, dim=0)
     eos = eos_token_ids(tokenizer, model)
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                   use_cache=True, synced_gpus=synced_gpus)
@@ -94,17 +101,29 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     else:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                       repetition_penalty=sampling.repetition_penalty)
+    # Prompts run once each, shared openings once (the cache is then repeated over the G completions); not under
+    # FSDP (ranks would run different numbers of forwards), with a repetition penalty (it reads the padded ids) or
+    # with a cache the model's generation config asks for.
+    shared = plan is not None and (g > 1 or bool(plan.groups)) and not synced_gpus \
+        and sampling.repetition_penalty == 1.0 and getattr(model.generation_config, "cache_implementation", None) is None
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+        inputs, attention = prompt_ids, prompt_mask
+        if shared:
+            pre = prefill_prompts(model, ids, am, plan, leave_last=True, logits=False)
+            inputs, attention = pre.ids.repeat_interleave(g, dim=0), pre.mask.repeat_interleave(g, dim=0)
+            if pre.cache is not None:
+                pre.cache.batch_repeat_interleave(g)
+                kwargs["past_key_values"] = pre.cache
+        out = model.generate(input_ids=inputs, attention_mask=attention, **kwargs)
     finally:
         model.train(was_training)
-    completion_ids = out[:, prompt_ids.size(1):]
+    completion_ids = out[:, inputs.size(1):]
     mask, truncated = completion_mask_from_eos(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts])
+    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts], plan)
 
 
 def row_seeds(seed: int, step: int, prompts: list[str], num_generations: int) -> list[int]:
@@ -138,34 +157,45 @@ class PerRowGumbel:
 
 def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                     completion_mask: Tensor, temperature: float = 1.0, hidden_layers: Sequence[int] = (),
-                    num_generations: int = 1, shared_prompt: bool | None = None,
-                    compute_logps: bool = True) -> tuple[Tensor | None, dict[int, Tensor]]:
+                    num_generations: int = 1, shared_prompt: bool | None = None, compute_logps: bool = True,
+                    prefixes: PrefixPlan | None = None,
+                    prefix_store: dict | None = None) -> tuple[Tensor | None, dict[int, Tensor]]:
     """Log-probs [B, T] (float32) of the completion tokens, logits divided by the sampling temperature (as TRL
     does), and ``{layer: hidden states [B, T, D] at the completion positions}`` for each of ``hidden_layers``
     (indices into the model's ``hidden_states``; one forward serves both). ``compute_logps=False`` skips the
     unembedding and the log-softmax (a reference forward that only feeds hidden states) and returns ``None``.
 
     Shared prompt: when each run of ``num_generations`` consecutive rows has the same prompt (as a rollout's groups
-    do), the prompt is run once per group and its KV cache repeated G times before the completions are run on top
-    of it. Gradients flow through the cache, so values and gradients equal the plain forward's, for about G times
-    less prompt compute and activation memory. ``shared_prompt=True`` asserts that layout (callers that built the
-    rows know it: no comparison, no host-device sync); ``None`` compares the rows. Falls back to the plain forward
-    when rows differ or under gradient checkpointing (which disables the cache).
+    do), each distinct prompt is run once, the openings that distinct prompts share once (``prefixes``, the
+    rollout's plan; computed here from the rows when not given, which reads them on the host), and the prompt's KV
+    cache is repeated G times before the completions run on top of it (:mod:`enigma_lightning.prefix`). Gradients
+    flow through the cache, so values and gradients equal the plain forward's, for much less prompt compute and
+    activation memory. ``prefix_store`` keeps a frozen model's prefix cache from call to call. ``shared_prompt=True``
+    asserts that layout (callers that built the rows know it: no comparison, no host-device sync); ``None`` compares
+    the rows. Falls back to the plain forward when rows differ, when prompts are not left-padded, or under gradient
+    checkpointing (which disables the cache).
     """
     g = num_generations
     shared = g > 1 and not checkpointing(model) and (
         shared_prompt if shared_prompt is not None else _groups_share_prompt(prompt_ids, g))
+    if shared and prompt_ids.size(0) % g:
+        raise ValueError(f"shared_prompt: {prompt_ids.size(0)} rows are not groups of {g}")
+    plan = prefixes if prefixes is not None or not shared else \
+        PrefixPlan.from_prompts(prompt_ids[::g], prompt_mask[::g])
     t = completion_ids.size(1)
     want_hidden = bool(hidden_layers)
-    if shared:
-        if prompt_ids.size(0) % g:
-            raise ValueError(f"shared_prompt: {prompt_ids.size(0)} rows are not groups of {g}")
-        out_p = model(input_ids=prompt_ids[::g], attention_mask=prompt_mask[::g], logits_to_keep=1, use_cache=True)
-        cache = out_p.past_key_values
-        cache.batch_repeat_interleave(g)  # differentiable: gradients reach the prompt's keys and values
-        out = model(input_ids=completion_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
-                    past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
-                    logits_to_keep=t if compute_logps else 1)
+    head = None
+    if shared and plan is not None:
+        pre = prefill_prompts(model, prompt_ids[::g], prompt_mask[::g], plan, logits=compute_logps,
+                              store=prefix_store)
+        pre.cache.batch_repeat_interleave(g)  # differentiable: gradients reach the prompt's keys and values
+        positions = pre.lengths.repeat_interleave(g)[:, None] + torch.arange(t, device=completion_ids.device)
+        out = model(input_ids=completion_ids, attention_mask=torch.cat([pre.mask.repeat_interleave(g, 0),
+                                                                        completion_mask], dim=1),
+                    position_ids=positions, past_key_values=pre.cache, use_cache=True,
+                    output_hidden_states=want_hidden, logits_to_keep=t if compute_logps else 1)
+        # the prompt's last position predicts completion token 0
+        head = pre.last_logits.repeat_interleave(g, dim=0) if compute_logps else None
     else:
         out = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                     attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
@@ -173,8 +203,6 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     hidden = {layer: out.hidden_states[layer][:, -t:] for layer in hidden_layers} if want_hidden else {}
     if not compute_logps:
         return None, hidden
-    # shared: the prompt's last position predicts completion token 0
-    head = out_p.logits[:, -1:, :].repeat_interleave(g, dim=0) if shared else None
     return selective_log_softmax(out.logits, completion_ids, temperature, head=head), hidden
 
 

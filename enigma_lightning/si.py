@@ -58,7 +58,7 @@ def score_matrices(model, tok, prompt, variants: list[str], questions: list[str]
         c_rows = (qi * k + ji).expand(n, k, k).reshape(-1)
         logps, _ = per_token_logps(model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows],
                                    ro.completion_mask[c_rows], sampling.temperature, num_generations=k,
-                                   shared_prompt=True)
+                                   shared_prompt=True, prefixes=ro.prefixes)
         mask = ro.completion_mask[c_rows].float()
         out.append(((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(n, k, k))
     return torch.cat(out)
