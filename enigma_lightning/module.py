@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -30,6 +31,7 @@ from .principles import PrincipleSet
 from .prompts import PromptTemplate
 from .rewards import RewardModel, answers_match, extract_answer, is_strict
 from .rollout import SamplingConfig, generate, per_token_logps, row_seeds
+from .scoring import sami_scores, sami_scores_stopgrad
 
 FROZEN_PREFIXES = ("reference.", "encoder.")
 
@@ -119,60 +121,23 @@ class EnigmaModule(L.LightningModule):
         return ro.prefixes.ungrouped() if self._sharded and ro.prefixes is not None else ro.prefixes
 
     def _forward(self, model, ro, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 num_generations: int | None = None, compute_logps: bool = True, prefix_store: dict | None = None):
+                 num_generations: int | None = None, compute_logps: bool = True, prefix_store: dict | None = None,
+                 hidden: bool = True):
         """Completion log-probs (None when not ``compute_logps``) and {layer: completion-token hidden states
-        [B, T, D]} for the layers the terms read. ``rows`` optionally gives (prompt rows, completion rows) to pair;
+        [B, T, D]} for the layers the terms read (none when not ``hidden``). ``rows`` optionally gives (prompt rows, completion rows) to pair;
         by construction each prompt row repeats ``num_generations`` times in a row and the distinct prompts are the
         rollout's, in its order (no check, no device sync)."""
         p_rows, c_rows = rows if rows is not None else (slice(None), slice(None))
         return per_token_logps(
             model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows], ro.completion_mask[c_rows],
-            self.sampling.temperature, hidden_layers=self.hidden_layers,
+            self.sampling.temperature, hidden_layers=self.hidden_layers if hidden else (),
             num_generations=num_generations or self.per_prompt, shared_prompt=True, compute_logps=compute_logps,
             prefixes=self._prefixes(ro), prefix_store=prefix_store)
 
     def _sami_forward(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """One batched forward over every (question, prompt variant i', completion j) cell: SAMI's K x G scores
-        per question, and GRPO's log-probs / hidden states from the diagonal rows (i' = the completion's variant)."""
-        if not self.sami.negatives_grad:
-            return self._sami_forward_stopgrad(ro)
-        g, k, m = self.grpo.num_generations, self.num_variants, self.per_prompt
-        q = ro.prompt_ids.size(0) // g
-        qi, vi, ji = (torch.arange(n, device=self.device) for n in (q, k, g))
-        p_rows = (qi[:, None, None] * g + vi[None, :, None] * m).expand(q, k, g).reshape(-1)
-        c_rows = (qi[:, None, None] * g + ji[None, None, :]).expand(q, k, g).reshape(-1)
-        logps, hidden = self._forward(self.policy, ro, rows=(p_rows, c_rows), num_generations=g)
-        mask = ro.completion_mask[c_rows].to(logps.dtype)
-        scores = ((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(q, k, k, m)  # [Q, i', i, r]
-        ri = torch.arange(m, device=self.device)
-        diag = (qi[:, None, None] * k * g + vi[None, :, None] * (g + m) + ri[None, None, :]).reshape(-1)
-        return logps[diag], {layer: h[diag] for layer, h in hidden.items()}, scores
-
-    def _sami_forward_stopgrad(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """``sami.negatives_grad=false``: GRPO's forward (with grad) gives the matched cells; the mismatched cells
-        (completion j under a variant that did not produce it) come from a no-grad forward."""
-        g, k, m = self.grpo.num_generations, self.num_variants, self.per_prompt
-        q = ro.prompt_ids.size(0) // g
-        logps, hidden = self._forward(self.policy, ro)  # rows (q, j): prompt = j's own variant
-        mask = ro.completion_mask.to(logps.dtype)
-        matched = ((logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)).view(q, g)
-        own = torch.arange(g, device=self.device) // m  # variant of completion j
-        # rows (q, i', j) with i' != own(j), grouped by (q, i'): each group shares variant i''s prompt
-        cells = [(qq, i, j) for qq in range(q) for i in range(k) for j in range(g) if j // m != i]
-        p_rows = torch.tensor([qq * g + i * m for qq, i, _ in cells], device=self.device)
-        c_rows = torch.tensor([qq * g + j for qq, _, j in cells], device=self.device)
-        with torch.no_grad():
-            off_logps, _ = per_token_logps(
-                self.policy, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows],
-                ro.completion_mask[c_rows], self.sampling.temperature, num_generations=g - m, shared_prompt=True,
-                prefixes=self._prefixes(ro))
-            off_mask = ro.completion_mask[c_rows].to(off_logps.dtype)
-            off = torch.zeros(q, k, g, dtype=matched.dtype, device=self.device)
-            qi, ii, ji = (torch.tensor(x, device=self.device) for x in zip(*cells, strict=True))
-            off[qi, ii, ji] = (off_logps * off_mask).sum(-1) / off_mask.sum(-1).clamp(min=1)
-        is_own = own[None, None, :] == torch.arange(k, device=self.device)[None, :, None]  # [1, K, G]
-        scores = torch.where(is_own, matched[:, None, :], off).view(q, k, k, m)  # [Q, i', i, r]
-        return logps, hidden, scores
+        """GRPO's log-probs and hidden states, and SAMI's K x K scores per question (:mod:`.scoring`)."""
+        score = sami_scores if self.sami.negatives_grad else sami_scores_stopgrad
+        return score(partial(self._forward, self.policy), ro, self.grpo.num_generations, self.num_variants)
 
     def _reference_forward(self, ro):
         """One reference forward serves the KL (log-probs, only when ``grpo.beta != 0``) and OT (hidden states).

@@ -139,9 +139,8 @@ def prefill_prompts(model: nn.Module, ids: Tensor, mask: Tensor, plan: PrefixPla
     big_s = max(suffix)
     cache, pre_ids, pre_mask = None, ids.new_zeros(u, 0), mask.new_zeros(u, 0)
     if big_l:
-        tok = torch.tensor([[0] * (big_l - len(x)) + list(x) for x in plan.prefixes], device=dev)
-        gmask = torch.tensor([[0] * (big_l - len(x)) + [1] * len(x) for x in plan.prefixes], device=dev,
-                             dtype=mask.dtype)
+        tok = to_device([[0] * (big_l - len(x)) + list(x) for x in plan.prefixes], dev, ids.dtype)
+        gmask = to_device([[0] * (big_l - len(x)) + [1] * len(x) for x in plan.prefixes], dev, mask.dtype)
         if store is not None and plan.prefixes in store:
             cache = _fork(store[plan.prefixes])
         else:
@@ -152,13 +151,13 @@ def prefill_prompts(model: nn.Module, ids: Tensor, mask: Tensor, plan: PrefixPla
                 if len(store) >= 8:
                     store.pop(next(iter(store)))
                 store[plan.prefixes] = _fork(cache)
-        sel = torch.tensor([max(gi, 0) for gi in plan.row_group], device=dev)  # rows without a group: masked out
+        sel = to_device([max(gi, 0) for gi in plan.row_group], dev)  # rows without a group: masked out
         cache.batch_select_indices(sel)
-        has = torch.tensor([gi >= 0 for gi in plan.row_group], device=dev, dtype=mask.dtype)
+        has = to_device([gi >= 0 for gi in plan.row_group], dev, mask.dtype)
         pre_ids, pre_mask = tok[sel], gmask[sel] * has[:, None]
-    offset = torch.arange(big_s, device=dev)[None] - (big_s - torch.tensor(suffix, device=dev))[:, None]  # <0: pad
+    offset = torch.arange(big_s, device=dev)[None] - (big_s - to_device(suffix, dev))[:, None]  # <0: pad
     sfx_mask = (offset >= 0).to(mask.dtype)
-    sfx_pos = (torch.tensor(row_prefix, device=dev)[:, None] + offset).clamp(min=0)
+    sfx_pos = (to_device(row_prefix, dev)[:, None] + offset).clamp(min=0)
     tree_ids, tree_mask = torch.cat([pre_ids, ids[:, p - big_s :]], 1), torch.cat([pre_mask, sfx_mask], 1)
     run = big_s - 1 if leave_last else big_s
     last = None
@@ -167,7 +166,13 @@ def prefill_prompts(model: nn.Module, ids: Tensor, mask: Tensor, plan: PrefixPla
                     position_ids=sfx_pos[:, :run], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         last = out.logits[:, -1:] if logits and not leave_last else None
-    return Prefill(cache, tree_ids, tree_mask, torch.tensor(plan.lengths, device=dev), last)
+    return Prefill(cache, tree_ids, tree_mask, to_device(plan.lengths, dev), last)
+
+
+def to_device(data, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """Host data as a tensor on ``device``, copied without waiting: a blocking copy to a GPU would first wait for
+    all the work queued on it (pageable memory is staged at once, so the list may be dropped after the call)."""
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
 
 
 def _fork(cache):

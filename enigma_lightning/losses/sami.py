@@ -5,8 +5,8 @@ variants (G = K * m; the variants are the set's text, its antithesis, and furthe
 remembers its variant. Two critics score completion j against variant i:
 
 - ``logprob`` (SAMI exact): ``S[i, j]`` = mean per-token log-prob of completion j when the prompt carries variant i.
-  The module computes all K x G cells for a question in one batched forward (prompt once per variant, its KV cache
-  repeated over the G completions), and takes GRPO's log-probs from the diagonal rows of the same forward.
+  All K x G cells of a question come from one batched forward (:mod:`enigma_lightning.scoring`; each variant's
+  prompt runs once, its KV cache repeated over the G completions), whose diagonal rows give GRPO's log-probs.
 - ``encoder``: the frozen principle encoder embeds the K variant texts; a learned linear projection of the policy's
   mean-pooled completion hidden states (last layer) is compared with them by cosine similarity / ``temperature``.
   The projection and the policy train; the encoder does not.
