@@ -1,6 +1,9 @@
-"""Forward+backward of the GRPO policy pass: shared prompt (KV cache repeated G times) vs plain per-row forward.
+"""Forward+backward of the GRPO policy pass, three ways: ``plain`` (every (prompt, completion) row whole), ``prompt``
+(each distinct prompt once, its KV cache repeated over its G completions) and ``prefix`` (as ``prompt``, and the
+opening tokens that the distinct prompts share, system message and worked example, once: what training does).
 
-Each variant runs in its own process so that peak RSS is its own. Prints ms per pass, the ratio, and peak RSS.
+Each variant runs in its own process so that peak RSS is its own. Prints ms per pass, ratios to ``plain``, and peak
+RSS.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+VARIANTS = ("plain", "prompt", "prefix")
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -32,13 +37,14 @@ def measure(args: argparse.Namespace) -> dict:
     rows = [r["source"] for r in __import__("enigma_lightning.bundled", fromlist=["x"]).generate("eval")[: args.prompts]]
     ro = generate(model, tok, [prompt.render(tok, q, principles.text) for q in rows], args.g, sampling,
                   prefill=prompt.prefill)
-    g = args.g if args.variant == "shared" else 1
+    g = 1 if args.variant == "plain" else args.g
+    plan = ro.prefixes if args.variant == "prefix" else ro.prefixes.ungrouped()
     model.train()
     times = []
     for i in range(args.warmup + args.repeats):
         t0 = time.perf_counter()
         logps, _ = per_token_logps(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
-                                   sampling.temperature, num_generations=g)
+                                   sampling.temperature, num_generations=g, prefixes=plan)
         (logps * ro.completion_mask).sum().backward()
         model.zero_grad(set_to_none=True)
         if i >= args.warmup:
@@ -46,7 +52,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {"variant": args.variant, "ms": [1000 * t for t in times],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "prompt_tokens": int(ro.prompt_ids.size(1)), "completion_tokens": int(ro.completion_ids.size(1)),
-            "rows": int(ro.prompt_ids.size(0))}
+            "rows": int(ro.prompt_ids.size(0)), "shared": [len(x) for x in ro.prefixes.prefixes]}
 
 
 def main() -> None:
@@ -57,25 +63,27 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variant", choices=["plain", "shared"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         print(json.dumps(measure(args)))
         return
     results = {}
-    for variant in ("plain", "shared"):
+    for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[variant] = json.loads(out)
     r = results["plain"]
     print(f"model {args.model}: {r['rows']} rows = {args.prompts} prompts x G={args.g}, "
-          f"prompt {r['prompt_tokens']} tokens (padded), completions {r['completion_tokens']} tokens (padded)")
+          f"prompt {r['prompt_tokens']} tokens (padded; shared openings: {r['shared']}), completions "
+          f"{r['completion_tokens']} tokens (padded)")
     for v, res in results.items():
         print(f"{v:>7}: fwd+bwd {statistics.median(res['ms']):8.1f} ms (median of {len(res['ms'])}, "
               f"min {min(res['ms']):.1f}, max {max(res['ms']):.1f}), peak RSS {res['peak_rss_mb']:.0f} MB")
-    ratio = statistics.median(results["shared"]["ms"]) / statistics.median(results["plain"]["ms"])
-    mem = results["shared"]["peak_rss_mb"] / results["plain"]["peak_rss_mb"]
-    print(f"shared / plain: time {ratio:.2f}x, peak RSS {mem:.2f}x")
+    for v in VARIANTS[1:]:
+        ratio = statistics.median(results[v]["ms"]) / statistics.median(results["plain"]["ms"])
+        mem = results[v]["peak_rss_mb"] / results["plain"]["peak_rss_mb"]
+        print(f"{v} / plain: time {ratio:.2f}x, peak RSS {mem:.2f}x")
 
 
 if __name__ == "__main__":

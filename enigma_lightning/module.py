@@ -124,9 +124,9 @@ class EnigmaModule(L.LightningModule):
                  num_generations: int | None = None, compute_logps: bool = True, prefix_store: dict | None = None,
                  hidden: bool = True):
         """Completion log-probs (None when not ``compute_logps``) and {layer: completion-token hidden states
-        [B, T, D]} for the layers the terms read (none when not ``hidden``). ``rows`` optionally gives (prompt rows, completion rows) to pair;
-        by construction each prompt row repeats ``num_generations`` times in a row and the distinct prompts are the
-        rollout's, in its order (no check, no device sync)."""
+        [B, T, D]} for the layers the terms read (none when not ``hidden``). ``rows`` optionally gives (prompt rows,
+        completion rows) to pair; by construction each prompt row repeats ``num_generations`` times in a row and the
+        distinct prompts are the rollout's, in its order (no check, no device sync)."""
         p_rows, c_rows = rows if rows is not None else (slice(None), slice(None))
         return per_token_logps(
             model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows], ro.completion_mask[c_rows],

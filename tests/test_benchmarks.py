@@ -25,6 +25,18 @@ def test_step_time_against_trl_on_the_tiny_model():
     assert len(out.split("step by step: ")[1].splitlines()[0].split(", ")) == 2  # one ratio per timed step
 
 
+def test_prompt_sharing_benchmark_on_the_tiny_model():
+    script = SCRIPT.parent / "prompt_sharing.py"
+    r = subprocess.run([sys.executable, str(script), "--model", "tiny:llama", "--warmup", "0", "--repeats", "1",
+                        "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("  plain: fwd+bwd", " prompt: fwd+bwd", " prefix: fwd+bwd", "prompt / plain: time",
+                 "prefix / plain: time"):
+        assert line in r.stdout, line
+    shared = r.stdout.split("shared openings: [")[1].split("]")[0]
+    assert int(shared) > 50  # the system message and worked example: one opening, shared by the 4 prompts
+
+
 def test_bandwidth_bound_of_decoding():
     """The GPU report's arithmetic: 0.5B bf16 weights (1 GB) at 3350 GB/s bound 8 rows to 26,800 tokens/s."""
     sys.path.insert(0, str(SCRIPT.parent))
