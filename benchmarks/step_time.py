@@ -6,14 +6,15 @@
         --max-new-tokens 256 --prompts 4                             # GPU: a real 0.5B architecture, random weights
 
 Every measurement runs in its own process (peak RSS is then its own). For each configuration (``grpo``,
-``grpo+sami``, ``grpo+ot``, ``full``, and ``full_stopgrad`` = ``full`` with ``sami.negatives_grad=false``) it
-runs ``--warmup`` untimed steps and ``--steps`` timed ones and prints, per phase (generation, reward scoring,
-reference forward, policy forward with SAMI's re-scoring, each loss term, backward, optimiser), the mean wall
-time and share of the step, completion tokens per second, and peak memory
-(RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU). ``--trl`` (default on) also runs TRL's GRPOTrainer
-(``pip install 'enigma-lightning[bench]'``) on the same weights, prompts (rendered by our template, fed to TRL as
-plain text), reward functions, G, completion length, sampling settings, loss type and importance-sampling level,
-and prints the ratio of our ``loss=grpo`` step time to TRL's, step by step, with its spread.
+``grpo+sami``, ``grpo+ot``, ``full``, ``full_stopgrad`` = ``full`` with ``sami.negatives_grad=false``, and
+``full_encoder`` = ``full`` with ``sami.critic=encoder``) it runs ``--warmup`` untimed steps and ``--steps`` timed
+ones and prints, per phase (generation, reward scoring, reference forward, policy forward with SAMI's re-scoring,
+each loss term, backward, optimiser), the mean wall time and share of the step, completion tokens per second, and
+peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and each timed step's time. ``--trl``
+(default on) also runs TRL's GRPOTrainer (``pip install 'enigma-lightning[bench]'``) on the same weights, prompts
+(rendered by our template, fed to TRL as plain text), reward functions, G, completion length, sampling settings,
+loss type and importance-sampling level, and prints the ratio of our ``loss=grpo`` step time to TRL's, step by
+step, with its spread.
 
 Rollouts are fixed-length by default (``--fixed-length``: EOS suppressed until ``--max-new-tokens``) so both
 frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS. Activation
@@ -34,8 +35,9 @@ import time
 from pathlib import Path
 
 CONFIGS = {"grpo": "grpo", "grpo+sami": "[grpo,sami]", "grpo+ot": "[grpo,ot]", "full": "full",
-           "full_stopgrad": "full"}  # full with sami.negatives_grad=false
-EXTRA = {"full_stopgrad": ["sami.negatives_grad=false"]}
+           "full_stopgrad": "full", "full_encoder": "full"}
+EXTRA = {"full_stopgrad": ["sami.negatives_grad=false"],  # SAMI's loss value, no gradient through mismatched cells
+         "full_encoder": ["sami.critic=encoder"]}  # SAMI's encoder critic: no re-scoring forward
 SHAPES = {  # real architectures, random weights (no hub needed)
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
@@ -111,7 +113,7 @@ def run_ours(args) -> dict:
     overrides += EXTRA.get(args.config, [])
     if "sami" not in loss and loss != "full":
         overrides.append("encoder=none")  # nothing reads it; TRL loads no encoder either
-    if args.config in ("grpo+sami", "full", "full_stopgrad"):
+    if args.config in ("grpo+sami", "full", "full_stopgrad", "full_encoder"):
         overrides.append(f"sami.num_variants={min(2, args.G)}")
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -296,18 +298,20 @@ def main() -> None:
         print(f"{label}: step {mean_step:.2f} s (sd {statistics.pstdev(s['step'] for s in r['steps']):.2f})"
               f", {tokens / mean_step:.1f} completion tok/s, peak memory {r['peak_memory_gib']:.2f} GiB"
               + (f", {mean_step / base:.2f}x loss=grpo" if base and c != "grpo" else ""))
+        print("    steps (s)       " + ", ".join(f"{s['step']:.2f}" for s in r["steps"]))
         phases = r["steps"][0]["phases"].keys()
         for ph in phases:
             t = statistics.mean(s["phases"][ph] for s in r["steps"])
             print(f"    {ph:<15} {t:7.3f} s  {100 * t / mean_step:5.1f}%")
-        if c == "grpo":
-            print(_bandwidth_bound(args, r))
+        if c == "grpo" and (line := _bandwidth_bound(args, r)):
+            print(line)
+        print()
     if trl is not None and "grpo" in results:
         ours = [s["step"] for s in results["grpo"]["steps"]]
         theirs = [s["step"] for s in trl["steps"]]
         ratios = [a / b for a, b in zip(ours, theirs, strict=False)]
         mem_ratio = results["grpo"]["peak_memory_gib"] / trl["peak_memory_gib"]
-        print(f"\nTRL GRPOTrainer: step {statistics.mean(theirs):.2f} s (sd {statistics.pstdev(theirs):.2f}), "
+        print(f"TRL GRPOTrainer: step {statistics.mean(theirs):.2f} s (sd {statistics.pstdev(theirs):.2f}), "
               f"peak memory {trl['peak_memory_gib']:.2f} GiB")
         print("ours / TRL, loss=grpo, step by step: " + ", ".join(f"{x:.2f}" for x in ratios))
         print(f"ours / TRL step time: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max "

@@ -23,6 +23,15 @@ def test_step_time_against_trl_on_the_tiny_model():
     assert "loss=full: step" in out and "x loss=grpo" in out
     assert "ours / TRL, loss=grpo, step by step: " in out and "peak memory" in out
     assert len(out.split("step by step: ")[1].splitlines()[0].split(", ")) == 2  # one ratio per timed step
+    assert len(out.split("steps (s)")[1].splitlines()[0].split(", ")) == 2  # one time per timed step
+
+
+def test_step_time_of_the_cheaper_sami_settings():
+    out = _run("--model", "tiny:llama", "--configs", "grpo,full_stopgrad,full_encoder", "--steps", "1", "--warmup",
+               "0", "--max-new-tokens", "8", "--prompts", "2", "--no-trl")
+    for label in ("loss=full sami.negatives_grad=false: step", "loss=full sami.critic=encoder: step"):
+        assert label in out, label
+    assert "TRL" not in out
 
 
 def test_prompt_sharing_benchmark_on_the_tiny_model():
