@@ -111,10 +111,10 @@ def run_ours(args) -> dict:
                  "grpo.importance_sampling_level=sequence", "logger=none", f"seed={args.seed}",
                  f"model.gradient_checkpointing={args.gradient_checkpointing}"]
     overrides += EXTRA.get(args.config, [])
-    if "sami" not in loss and loss != "full":
-        overrides.append("encoder=none")  # nothing reads it; TRL loads no encoder either
-    if args.config in ("grpo+sami", "full", "full_stopgrad", "full_encoder"):
+    if "sami" in loss or loss == "full":
         overrides.append(f"sami.num_variants={min(2, args.G)}")
+    else:
+        overrides.append("encoder=none")  # nothing reads it; TRL loads no encoder either
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     torch.manual_seed(args.seed)
