@@ -53,6 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import WandbLogger
 
+    from . import allocator
     from .sweeps import hydra_info, plan, single_job_argv
     from .validate import validate
 
@@ -74,6 +75,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg.logger.wandb.group = sweep["sweep"]
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.get("accelerator") == "cpu":
+        allocator.configure(cfg.get("cpu_malloc", "reuse"))
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .allocator import MODES as CPU_MALLOC_MODES
 from .data import check_data_source
 from .errors import ConfigError
 from .losses.grpo import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
@@ -105,6 +106,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
     if _get(cfg, "resume", "auto") not in RESUME_MODES:
         p.append(f"resume must be auto or never; got {_get(cfg, 'resume')!r}. Set resume=auto")
+    if _get(cfg, "cpu_malloc", "reuse") not in CPU_MALLOC_MODES:
+        p.append(f"cpu_malloc must be reuse or system; got {_get(cfg, 'cpu_malloc')!r}. Set cpu_malloc=reuse")
     ckpt = _get(cfg, "ckpt_path")
     if ckpt and not Path(str(ckpt)).expanduser().exists():
         p.append(f"ckpt_path: file {ckpt!r} does not exist. Use <run dir>/checkpoints/last.ckpt, or ckpt_path=null")

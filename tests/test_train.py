@@ -19,9 +19,14 @@ def _metrics(out):
         return [r for r in csv.DictReader(f) if r.get("train/loss")]
 
 
-def test_smoke_outputs(make_cfg, tmp_path):
+def test_smoke_outputs(make_cfg, tmp_path, monkeypatch):
+    from enigma_lightning import allocator
+
+    modes = []
+    monkeypatch.setattr(allocator, "configure", modes.append)
     out = tmp_path / "run"
     summary = run(make_cfg("experiment=smoke", out=out))
+    assert modes == ["reuse"]  # CPU training applies cpu_malloc (tests/test_allocator.py checks what it does)
     for name in ("config.yaml", "metrics.csv", "summary.json", "samples.jsonl", "policy/config.json",
                  "checkpoints/last.ckpt"):
         assert (out / name).exists(), name
