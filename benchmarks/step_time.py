@@ -100,6 +100,7 @@ def run_ours(args) -> dict:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
+    from enigma_lightning import allocator
     from enigma_lightning.train import build_module
 
     loss = CONFIGS[args.config]
@@ -109,7 +110,7 @@ def run_ours(args) -> dict:
                  f"rollout.min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
                  f"rollout.temperature={args.temperature}", f"grpo.loss_type={args.loss_type}",
                  "grpo.importance_sampling_level=sequence", "logger=none", f"seed={args.seed}",
-                 f"model.gradient_checkpointing={args.gradient_checkpointing}"]
+                 f"model.gradient_checkpointing={args.gradient_checkpointing}", f"cpu_malloc={args.cpu_malloc}"]
     overrides += EXTRA.get(args.config, [])
     if "sami" in loss or loss == "full":
         overrides.append(f"sami.num_variants={min(2, args.G)}")
@@ -117,6 +118,8 @@ def run_ours(args) -> dict:
         overrides.append("encoder=none")  # nothing reads it; TRL loads no encoder either
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    if args.device == "cpu":  # as training does (enigma_lightning.allocator); TRL's: --trl-cpu-malloc
+        allocator.configure(cfg.cpu_malloc)
     torch.manual_seed(args.seed)
     module = build_module(cfg).to(args.device)
     module.sync_timings = True  # per-phase figures are device times on GPU
@@ -155,6 +158,7 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from enigma_lightning import allocator
     from enigma_lightning.prompts import PromptTemplate
     from enigma_lightning.rewards import gated_correctness_reward, xml_format_reward
 
@@ -164,6 +168,8 @@ def run_trl(args) -> dict:
     principles = yaml.safe_load((conf / "principles/default.yaml").read_text())["text"]
     tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.device == "cpu":
+        allocator.configure(args.trl_cpu_malloc)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     rows = _prompts(args.prompts * (args.warmup + args.steps), template, tok, principles)
@@ -211,7 +217,7 @@ def worker(args) -> None:
 def _spawn(args, framework: str, config: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--config", config]
     for k in ("model", "model_shape", "device", "dtype", "G", "prompts", "max_new_tokens", "temperature", "steps",
-              "warmup", "loss_type", "seed"):
+              "warmup", "loss_type", "seed", "cpu_malloc", "trl_cpu_malloc"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -271,6 +277,10 @@ def main() -> None:
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing in both frameworks (TRL's own default is on; the embedded preset's off)")
+    p.add_argument("--cpu-malloc", default="reuse", choices=["reuse", "system"],
+                   help="our cpu_malloc setting (enigma_lightning.allocator; training's default is reuse)")
+    p.add_argument("--trl-cpu-malloc", default="system", choices=["reuse", "system"],
+                   help="the same setting for TRL's process (system: glibc's defaults, as TRL runs)")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bandwidth-gbs", type=float, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -287,7 +297,10 @@ def main() -> None:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G}, "
           f"{args.max_new_tokens} new tokens{' (fixed length)' if args.fixed_length else ''}, loss_type "
-          f"{args.loss_type}, sequence-level IS, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; {args.warmup} warm-up + {args.steps} timed steps\n")
+          f"{args.loss_type}, sequence-level IS, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+          + (f", cpu_malloc {args.cpu_malloc}" + (f" (TRL: {args.trl_cpu_malloc})" if args.trl else "")
+             if args.device == "cpu" else "")
+          + f"; {args.warmup} warm-up + {args.steps} timed steps\n")
     results = {c: _spawn(args, "ours", c) for c in configs}
     trl = _spawn(args, "trl", "grpo") if args.trl else None
     base = statistics.mean(s["step"] for s in results["grpo"]["steps"]) if "grpo" in results else None
