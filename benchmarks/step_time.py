@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from enigma_lightning.allocator import MODES as CPU_MALLOC_MODES
+
 CONFIGS = {"grpo": "grpo", "grpo+sami": "[grpo,sami]", "grpo+ot": "[grpo,ot]", "full": "full",
            "full_stopgrad": "full", "full_encoder": "full"}
 EXTRA = {"full_stopgrad": ["sami.negatives_grad=false"],  # SAMI's loss value, no gradient through mismatched cells
@@ -277,9 +279,9 @@ def main() -> None:
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing in both frameworks (TRL's own default is on; the embedded preset's off)")
-    p.add_argument("--cpu-malloc", default="reuse", choices=["reuse", "system"],
+    p.add_argument("--cpu-malloc", default="reuse", choices=CPU_MALLOC_MODES,
                    help="our cpu_malloc setting (enigma_lightning.allocator; training's default is reuse)")
-    p.add_argument("--trl-cpu-malloc", default="system", choices=["reuse", "system"],
+    p.add_argument("--trl-cpu-malloc", default="system", choices=CPU_MALLOC_MODES,
                    help="the same setting for TRL's process (system: glibc's defaults, as TRL runs)")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bandwidth-gbs", type=float, default=None)

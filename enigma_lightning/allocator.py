@@ -1,12 +1,13 @@
 """Host memory for CPU training: keep freed heap memory for the next step (``cpu_malloc: reuse``).
 
-A training step allocates and frees the same large tensors every step: activations, their gradients, logits. With
-its defaults glibc serves each allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and gives
-the top of the heap back to the system once enough of it is free, so the next step touches new pages and the kernel
-faults in and zeroes every one of them: on a 2-core machine that made the embedded default's policy forward 1.47x
-and its whole step 1.14x slower (docs/results.md). ``reuse`` takes every allocation from the heap and never gives it back
-(``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``, as documented in mallopt(3)): freed memory is reused
-by the next step, so the peak resident memory stays what it was, but it is held until the process ends.
+A training step allocates and frees the same large tensors every step: activations, their gradients, logits.
+With its defaults glibc serves each allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
+and gives the top of the heap back to the system once enough of it is free, so the next step touches new pages
+and the kernel faults in and zeroes every one of them: on a 2-core machine that made the embedded default's policy
+forward 1.47x and its whole step 1.14x slower (docs/results.md). ``reuse`` takes every allocation from the heap
+and never gives it back (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``, as documented in
+mallopt(3)): freed memory is reused by the next step, so the peak resident memory stays what it was, but it is
+held until the process ends.
 
 Only the process that calls :func:`configure` is affected (training sets it from the config before building the
 model). Elsewhere than glibc (macOS, musl) it does nothing and says so.
@@ -15,6 +16,7 @@ model). Elsewhere than glibc (macOS, musl) it does nothing and says so.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import sys
 
@@ -24,6 +26,7 @@ MODES = ("reuse", "system")
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
 
 
+@functools.cache
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None

@@ -107,7 +107,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if _get(cfg, "resume", "auto") not in RESUME_MODES:
         p.append(f"resume must be auto or never; got {_get(cfg, 'resume')!r}. Set resume=auto")
     if _get(cfg, "cpu_malloc", "reuse") not in CPU_MALLOC_MODES:
-        p.append(f"cpu_malloc must be reuse or system; got {_get(cfg, 'cpu_malloc')!r}. Set cpu_malloc=reuse")
+        p.append(f"cpu_malloc must be {' or '.join(CPU_MALLOC_MODES)}; got {_get(cfg, 'cpu_malloc')!r}. "
+                 f"Set cpu_malloc={CPU_MALLOC_MODES[0]}")
     ckpt = _get(cfg, "ckpt_path")
     if ckpt and not Path(str(ckpt)).expanduser().exists():
         p.append(f"ckpt_path: file {ckpt!r} does not exist. Use <run dir>/checkpoints/last.ckpt, or ckpt_path=null")
