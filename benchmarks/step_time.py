@@ -112,7 +112,8 @@ def run_ours(args) -> dict:
                  f"rollout.min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
                  f"rollout.temperature={args.temperature}", f"grpo.loss_type={args.loss_type}",
                  "grpo.importance_sampling_level=sequence", "logger=none", f"seed={args.seed}",
-                 f"model.gradient_checkpointing={args.gradient_checkpointing}", f"cpu_malloc={args.cpu_malloc}"]
+                 f"model.gradient_checkpointing={args.gradient_checkpointing}", f"cpu_malloc={args.cpu_malloc}",
+                 f"rollout.reserve_cache={args.reserve_cache}"]
     overrides += EXTRA.get(args.config, [])
     if "sami" in loss or loss == "full":
         overrides.append(f"sami.num_variants={min(2, args.G)}")
@@ -225,6 +226,7 @@ def _spawn(args, framework: str, config: str) -> dict:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     cmd.append("--fixed-length" if args.fixed_length else "--no-fixed-length")
     cmd.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
+    cmd.append("--reserve-cache" if args.reserve_cache else "--no-reserve-cache")
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
@@ -283,6 +285,8 @@ def main() -> None:
                    help="our cpu_malloc setting (enigma_lightning.allocator; training's default is reuse)")
     p.add_argument("--trl-cpu-malloc", default="system", choices=CPU_MALLOC_MODES,
                    help="the same setting for TRL's process (system: glibc's defaults, as TRL runs)")
+    p.add_argument("--reserve-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="our rollout.reserve_cache (KV cache written in place while sampling; TRL's grows by torch.cat)")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bandwidth-gbs", type=float, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -300,6 +304,7 @@ def main() -> None:
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G}, "
           f"{args.max_new_tokens} new tokens{' (fixed length)' if args.fixed_length else ''}, loss_type "
           f"{args.loss_type}, sequence-level IS, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+          + f", reserve_cache {str(args.reserve_cache).lower()}"
           + (f", cpu_malloc {args.cpu_malloc}" + (f" (TRL: {args.trl_cpu_malloc})" if args.trl else "")
              if args.device == "cpu" else "")
           + f"; {args.warmup} warm-up + {args.steps} timed steps\n")

@@ -26,6 +26,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     max_prompt_length: int | None = 1024  # longer prompts are cut from the left (the question stays)
     seed_per_prompt: bool = False  # each completion's randomness from (seed, step, prompt, index): see row_seeds
+    reserve_cache: bool = True  # KV cache written in place while sampling, not grown by torch.cat (see kvcache)
 
 
 @dataclass
@@ -116,6 +117,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
             if pre.cache is not None:
                 pre.cache.batch_repeat_interleave(g)
                 kwargs["past_key_values"] = pre.cache
+        if sampling.reserve_cache:
+            _reserve_cache(model, kwargs, sampling.max_new_tokens)
         out = model.generate(input_ids=inputs, attention_mask=attention, **kwargs)
     finally:
         model.train(was_training)
@@ -124,6 +127,25 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts], plan)
+
+
+def _reserve_cache(model: nn.Module, kwargs: dict, tokens: int) -> None:
+    """Generate into a KV cache that is written in place (:mod:`enigma_lightning.kvcache`): the prefilled one, or,
+    when there is none, the cache ``generate`` would build itself (models whose generation config names a cache keep
+    it)."""
+    from transformers import DynamicCache
+
+    from .kvcache import reserve
+
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        if getattr(model.generation_config, "cache_implementation", None) is not None \
+                or getattr(model.config, "is_encoder_decoder", False) \
+                or not getattr(model, "_supports_default_dynamic_cache", lambda: False)():
+            return
+        cache = kwargs["past_key_values"] = DynamicCache(config=model.config.get_text_config(decoder=True))
+    if isinstance(cache, DynamicCache):
+        reserve(cache, tokens)
 
 
 def row_seeds(seed: int, step: int, prompts: list[str], num_generations: int) -> list[int]:

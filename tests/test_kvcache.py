@@ -1,0 +1,96 @@
+"""The in-place KV cache used while sampling: the same keys, values and tokens as transformers' own cache."""
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from enigma_lightning.kvcache import ReservedLayer
+from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
+from enigma_lightning.prompts import PromptTemplate
+from enigma_lightning.rollout import SamplingConfig, generate, row_seeds
+
+
+def _steps(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    yield [torch.randn(3, 2, n, 4, generator=g) for n in (5, 1, 1)]  # a prompt, then one token at a time
+    while True:
+        yield [torch.randn(3, 2, 1, 4, generator=g)]
+
+
+def test_reserved_layer_returns_what_concatenation_returns_and_writes_in_place():
+    plain, reserved = DynamicLayer(), ReservedLayer(reserve=4)
+    buffers, steps = [], _steps()
+    for states in [*next(steps), *(next(steps)[0] for _ in range(6))]:  # 9 updates: past the room reserved
+        k0, v0 = plain.update(states, -states)
+        k1, v1 = reserved.update(states, -states)
+        assert torch.equal(k1, k0) and torch.equal(v1, v0)
+        assert reserved.get_seq_length() == plain.get_seq_length() == k0.shape[-2]
+        buffers.append(reserved._buffers[0].data_ptr())
+        assert k1.data_ptr() == buffers[-1]  # a view of the buffer, not a copy
+    # room for 5 + 4 tokens after the prompt: updates 1-5 write into the first buffer, update 6 needs a new one
+    assert len(set(buffers[:5])) == 1 and buffers[5] != buffers[4] and len(set(buffers[5:])) == 1
+
+
+def test_reserved_layer_picks_up_caches_replaced_from_outside():
+    """batch_select_indices, crop and the like replace the keys; the next update copies them into a new buffer."""
+    plain, reserved = DynamicLayer(), ReservedLayer(reserve=8)
+    steps = _steps(1)
+    for states in next(steps):
+        plain.update(states, states)
+        reserved.update(states, states)
+    for layer in (plain, reserved):
+        layer.batch_select_indices(torch.tensor([2, 0]))
+        layer.crop(-2)
+    states = next(steps)[0][:2]
+    k0, _ = plain.update(states, states)
+    k1, _ = reserved.update(states, states)
+    assert torch.equal(k1, k0) and k1.shape == (2, 2, 6, 4)
+
+
+def test_adopted_layer_keeps_the_prefilled_cache_and_leaves_it_untouched():
+    prefilled = DynamicLayer()
+    prompt = torch.randn(2, 1, 3, 4)
+    prefilled.update(prompt, prompt)
+    keys = prefilled.keys
+    layer = ReservedLayer.adopt(prefilled, reserve=2)
+    token = torch.randn(2, 1, 1, 4)
+    k, v = layer.update(token, token)
+    assert torch.equal(k, torch.cat([prompt, token], dim=-2)) and torch.equal(v, k)
+    assert prefilled.keys is keys and torch.equal(keys, prompt)  # the prefill's tensors are not written to
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    spec = ModelSpec(name_or_path=str(tiny_dir))
+    return load_tokenizer(spec), load_policy(spec)
+
+
+@pytest.mark.parametrize("path", ["shared_prefixes", "greedy", "plain"])
+def test_generation_samples_the_same_tokens_with_the_reserved_cache(tiny, monkeypatch, path):
+    """The three ways generate runs: prompts' shared openings prefilled (sampling with per-row seeds), greedy, and
+    generate's own cache (a repetition penalty turns prefix sharing off)."""
+    tok, model = tiny
+    template = PromptTemplate(system="{principles} Think step by step and answer in the format asked, always.")
+    prompts = [template.render(tok, q, v) for q in ("What is 2 + 2?", "Hi there")
+               for v in ("Be clear and honest.", "Be vague, never show any steps at all.")]
+    from enigma_lightning import rollout
+
+    updates, prefills = [], []
+    real, real_prefill = ReservedLayer.update, rollout.prefill_prompts
+    monkeypatch.setattr(ReservedLayer, "update", lambda self, *a, **k: updates.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(rollout, "prefill_prompts", lambda *a, **k: prefills.append(1) or real_prefill(*a, **k))
+    outs = {}
+    for reserve_cache in (True, False):
+        sampling = SamplingConfig(max_new_tokens=10, reserve_cache=reserve_cache, seed_per_prompt=True,
+                                  repetition_penalty=1.3 if path == "plain" else 1.0)
+        before = len(updates)
+        if path == "greedy":
+            ro = generate(model, tok, prompts, 1, sampling, greedy=True)
+        else:
+            ro = generate(model, tok, prompts, 3, sampling, seeds=row_seeds(0, 2, prompts, 3))
+        assert (len(updates) > before) == reserve_cache  # the reserved cache ran, or did not
+        outs[reserve_cache] = ro
+    assert bool(prefills) == (path != "plain")
+    assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
+    assert outs[True].completions == outs[False].completions
+    assert outs[True].lengths.float().mean() > 1
