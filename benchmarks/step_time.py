@@ -234,6 +234,15 @@ def _spawn(args, framework: str, config: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def _merge(acc: dict | None, run: dict) -> dict:
+    """One configuration's runs so far plus ``run``: every timed step, each run's mean step, the highest peak."""
+    run = {**run, "round_means": [statistics.mean(s["step"] for s in run["steps"])]}
+    if acc is None:
+        return run
+    return {"steps": acc["steps"] + run["steps"], "round_means": acc["round_means"] + run["round_means"],
+            "peak_memory_gib": max(acc["peak_memory_gib"], run["peak_memory_gib"])}
+
+
 def bandwidth_share(tokens_per_s: float, weight_bytes: int, rows: int, gbs: float) -> tuple[float, float]:
     """(the bandwidth-bound decoding rate in tokens/s, the measured rate's share of it). Each decoding step of a
     batch of ``rows`` sequences streams every weight from memory at least once, so the batch can emit at most
@@ -277,6 +286,8 @@ def main() -> None:
     p.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration's process this many times in turn (steps pooled; ratios by round)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -301,23 +312,36 @@ def main() -> None:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1; got {args.rounds}")
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G}, "
           f"{args.max_new_tokens} new tokens{' (fixed length)' if args.fixed_length else ''}, loss_type "
           f"{args.loss_type}, sequence-level IS, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
           + f", reserve_cache {str(args.reserve_cache).lower()}"
           + (f", cpu_malloc {args.cpu_malloc}" + (f" (TRL: {args.trl_cpu_malloc})" if args.trl else "")
              if args.device == "cpu" else "")
-          + f"; {args.warmup} warm-up + {args.steps} timed steps\n")
-    results = {c: _spawn(args, "ours", c) for c in configs}
-    trl = _spawn(args, "trl", "grpo") if args.trl else None
+          + f"; {args.warmup} warm-up + {args.steps} timed steps"
+          + (f" per process, {args.rounds} rounds\n" if args.rounds > 1 else "\n"))
+    # Round after round, each configuration (then TRL) runs in a fresh process: drift in the machine's speed
+    # reaches every configuration alike, and each round gives its own ratio.
+    results: dict[str, dict] = {}
+    trl = None
+    for _ in range(args.rounds):
+        for c in configs:
+            results[c] = _merge(results.get(c), _spawn(args, "ours", c))
+        if args.trl:
+            trl = _merge(trl, _spawn(args, "trl", "grpo"))
     base = statistics.mean(s["step"] for s in results["grpo"]["steps"]) if "grpo" in results else None
     for c, r in results.items():
         mean_step = statistics.mean(s["step"] for s in r["steps"])
         tokens = statistics.mean(s["tokens"] for s in r["steps"])
         label = " ".join([f"loss={CONFIGS[c]}", *EXTRA.get(c, [])])
+        by_round = [a / b for a, b in zip(r["round_means"], results["grpo"]["round_means"], strict=True)] \
+            if base and c != "grpo" and args.rounds > 1 else []
         print(f"{label}: step {mean_step:.2f} s (sd {statistics.pstdev(s['step'] for s in r['steps']):.2f})"
               f", {tokens / mean_step:.1f} completion tok/s, peak memory {r['peak_memory_gib']:.2f} GiB"
-              + (f", {mean_step / base:.2f}x loss=grpo" if base and c != "grpo" else ""))
+              + (f", {mean_step / base:.2f}x loss=grpo" if base and c != "grpo" else "")
+              + (" (by round: " + ", ".join(f"{x:.2f}" for x in by_round) + ")" if by_round else ""))
         print("    steps (s)       " + ", ".join(f"{s['step']:.2f}" for s in r["steps"]))
         phases = r["steps"][0]["phases"].keys()
         for ph in phases:

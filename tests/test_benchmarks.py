@@ -26,12 +26,16 @@ def test_step_time_against_trl_on_the_tiny_model():
     assert len(out.split("steps (s)")[1].splitlines()[0].split(", ")) == 2  # one time per timed step
 
 
-def test_step_time_of_the_cheaper_sami_settings():
+def test_step_time_of_the_cheaper_sami_settings_in_rounds():
     out = _run("--model", "tiny:llama", "--configs", "grpo,full_stopgrad,full_encoder", "--steps", "1", "--warmup",
-               "0", "--max-new-tokens", "8", "--prompts", "2", "--no-trl")
+               "0", "--max-new-tokens", "8", "--prompts", "2", "--no-trl", "--rounds", "2")
     for label in ("loss=full sami.negatives_grad=false: step", "loss=full sami.critic=encoder: step"):
         assert label in out, label
-    assert "TRL" not in out
+    assert "TRL" not in out and "1 timed steps per process, 2 rounds" in out
+    for block in out.split("steps (s)")[1:]:  # every configuration: one step from each of the two rounds
+        assert len(block.splitlines()[0].split(", ")) == 2
+    assert out.count("(by round: ") == 2  # the two SAMI settings, one ratio to loss=grpo per round
+    assert all(len(x.split(")")[0].split(", ")) == 2 for x in out.split("(by round: ")[1:])
 
 
 def test_prompt_sharing_benchmark_on_the_tiny_model():
