@@ -31,7 +31,7 @@ class ReservedLayer(DynamicLayer):
     def adopt(cls, layer: DynamicLayer, reserve: int) -> ReservedLayer:
         """The same cached keys and values, with room for ``reserve`` more tokens (allocated at the next update)."""
         new = cls(reserve)
-        new.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("reserve", "_buffers", "_view")})
+        vars(new).update(vars(layer))  # keys, values, dtype, device, is_initialized (a DynamicLayer has no others)
         return new
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

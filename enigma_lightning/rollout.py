@@ -105,8 +105,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     # Prompts run once each, shared openings once (the cache is then repeated over the G completions); not under
     # FSDP (ranks would run different numbers of forwards), with a repetition penalty (it reads the padded ids) or
     # with a cache the model's generation config asks for.
+    named_cache = getattr(model.generation_config, "cache_implementation", None) is not None
     shared = plan is not None and (g > 1 or bool(plan.groups)) and not synced_gpus \
-        and sampling.repetition_penalty == 1.0 and getattr(model.generation_config, "cache_implementation", None) is None
+        and sampling.repetition_penalty == 1.0 and not named_cache
     was_training = model.training
     model.eval()
     try:
@@ -117,7 +118,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
             if pre.cache is not None:
                 pre.cache.batch_repeat_interleave(g)
                 kwargs["past_key_values"] = pre.cache
-        if sampling.reserve_cache:
+        if sampling.reserve_cache and not named_cache:
             _reserve_cache(model, kwargs, sampling.max_new_tokens)
         out = model.generate(input_ids=inputs, attention_mask=attention, **kwargs)
     finally:
@@ -131,16 +132,15 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
 
 def _reserve_cache(model: nn.Module, kwargs: dict, tokens: int) -> None:
     """Generate into a KV cache that is written in place (:mod:`enigma_lightning.kvcache`): the prefilled one, or,
-    when there is none, the cache ``generate`` would build itself (models whose generation config names a cache keep
-    it)."""
+    when there is none, the cache ``generate`` would build itself (callers leave out models whose generation config
+    names a cache)."""
     from transformers import DynamicCache
 
     from .kvcache import reserve
 
     cache = kwargs.get("past_key_values")
     if cache is None:
-        if getattr(model.generation_config, "cache_implementation", None) is not None \
-                or getattr(model.config, "is_encoder_decoder", False) \
+        if getattr(model.config, "is_encoder_decoder", False) \
                 or not getattr(model, "_supports_default_dynamic_cache", lambda: False)():
             return
         cache = kwargs["past_key_values"] = DynamicCache(config=model.config.get_text_config(decoder=True))
