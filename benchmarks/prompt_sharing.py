@@ -3,7 +3,7 @@
 opening tokens that the distinct prompts share, system message and worked example, once: what training does).
 
 Each variant runs in its own process so that peak RSS is its own. Prints ms per pass, ratios to ``plain``, and peak
-RSS.
+RSS. ``--gradient-checkpointing`` runs all three with activation checkpointing on (the hub presets' setting).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=/tmp/enigma-bench"])
-    spec = ModelSpec(name_or_path=args.model)
+    spec = ModelSpec(name_or_path=args.model, gradient_checkpointing=args.gradient_checkpointing)
     tok, model = load_tokenizer(spec), load_policy(spec)
     prompt, principles, sampling = instantiate(cfg.prompt), instantiate(cfg.principles), instantiate(cfg.rollout)
     sampling.max_new_tokens = args.max_new_tokens
@@ -63,6 +63,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="activation checkpointing on in all three variants")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -76,7 +78,8 @@ def main() -> None:
     r = results["plain"]
     print(f"model {args.model}: {r['rows']} rows = {args.prompts} prompts x G={args.g}, "
           f"prompt {r['prompt_tokens']} tokens (padded; shared openings: {r['shared']}), completions "
-          f"{r['completion_tokens']} tokens (padded)")
+          f"{r['completion_tokens']} tokens (padded), activation checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}")
     for v, res in results.items():
         print(f"{v:>7}: fwd+bwd {statistics.median(res['ms']):8.1f} ms (median of {len(res['ms'])}, "
               f"min {min(res['ms']):.1f}, max {max(res['ms']):.1f}), peak RSS {res['peak_rss_mb']:.0f} MB")

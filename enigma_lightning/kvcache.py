@@ -5,6 +5,9 @@ cache of every layer at every step: for the embedded default (16 rows, ~300 cach
 decoding step on CPU. :class:`ReservedLayer` keeps a buffer with room for the tokens still to come, writes each step
 into it and returns views of the filled part. Attention reads the same values, so sampling is unchanged (the tests
 compare the tokens); only the copies go. For inference only: it writes in place, which autograd must not see.
+
+:class:`ReadOnlyLayer` is for training under activation checkpointing: a prompt's cache that the completion forward
+reads and never extends, so a checkpointed layer's replay in the backward sees the same cache as its first run.
 """
 
 from __future__ import annotations
@@ -62,3 +65,26 @@ def reserve(cache, tokens: int):
     if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         cache.layer_class_to_replicate = partial(ReservedLayer, tokens)
     return cache
+
+
+class ReadOnlyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``update`` returns the cached keys and values followed by the new ones and keeps
+    nothing: the cache stays the prompt's however often a layer runs (once, and again when activation checkpointing
+    recomputes it). Gradients flow into the cached tensors as through ``DynamicLayer``'s concatenation."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def read_only(cache) -> bool:
+    """Make every layer of ``cache`` (a filled ``DynamicCache``) a :class:`ReadOnlyLayer`, in place. False, and the
+    cache left as it is, when a layer is of another kind (sliding window, ...) or empty."""
+    if not cache.layers or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
+        return False
+    new = []
+    for layer in cache.layers:
+        ro = ReadOnlyLayer.__new__(ReadOnlyLayer)
+        vars(ro).update(vars(layer))  # keys, values, dtype, device, is_initialized
+        new.append(ro)
+    cache.layers = new
+    return True

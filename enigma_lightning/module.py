@@ -86,6 +86,9 @@ class EnigmaModule(L.LightningModule):
         self.last_completion_tokens = 0
         self.last_timings: dict[str, float] = {}
         self.sync_timings = False  # wait for the device before reading the clock (benchmarks; callbacks.timer)
+        # the policy forward's logits take their own gradient in the backward (one logits-sized buffer, not two);
+        # False to backward more than once through a step's graph (retain_graph: per-term gradient probes)
+        self.overwrite_logits = True
         self.val_best: float | None = None
 
     @property
@@ -132,7 +135,7 @@ class EnigmaModule(L.LightningModule):
             model, ro.prompt_ids[p_rows], ro.prompt_mask[p_rows], ro.completion_ids[c_rows], ro.completion_mask[c_rows],
             self.sampling.temperature, hidden_layers=self.hidden_layers if hidden else (),
             num_generations=num_generations or self.per_prompt, shared_prompt=True, compute_logps=compute_logps,
-            prefixes=self._prefixes(ro), prefix_store=prefix_store)
+            prefixes=self._prefixes(ro), prefix_store=prefix_store, overwrite_logits=self.overwrite_logits)
 
     def _sami_forward(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """GRPO's log-probs and hidden states, and SAMI's K x K scores per question (:mod:`.scoring`)."""

@@ -20,11 +20,19 @@ the two agree up to float rounding.
 
 The plan (:class:`PrefixPlan`) is host data computed once from the tokenizer's output, so a training step that uses
 it reads nothing back from the device.
+
+Under activation checkpointing transformers drops the cache inside checkpointed layers (a layer's replay in the
+backward would extend it a second time). :func:`checkpoint_layers` finds those layers; the prompts then run with
+checkpointing off for their few rows (:func:`unchecked`), and the completions, checkpointed, read the
+prompts' cache through :func:`~enigma_lightning.kvcache.read_only` layers that never extend it
+(:func:`layers_read_cache`): the replay reads what the first run read.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,3 +189,53 @@ def _fork(cache):
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
     return new
+
+
+def checkpoint_layers(model: nn.Module) -> list[nn.Module] | None:
+    """The layers activation checkpointing wraps in ``model`` (none when it is off), or None when a shared prompt
+    cache cannot pass through them: checkpointing done otherwise than by transformers' ``GradientCheckpointingLayer``,
+    or attention layers whose cache is not a plain full-attention ``DynamicLayer`` (sliding windows, ...)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .rollout import checkpointing
+
+    if not checkpointing(model):
+        return []
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    config = getattr(model, "config", None)
+    if not layers or config is None:
+        return None
+    try:
+        probe = DynamicCache(config=config.get_text_config(decoder=True))
+    except Exception:  # a config transformers cannot read the layer kinds from
+        return None
+    return layers if all(type(layer) is DynamicLayer for layer in probe.layers) else None
+
+
+@contextmanager
+def unchecked(model: nn.Module) -> Iterator[None]:
+    """Checkpointing off in ``model`` for the block (the prompts' forward, whose cache must be kept): in its layers,
+    and in the models that hold them (which otherwise turn ``use_cache`` off)."""
+    on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in on:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in on:
+            m.gradient_checkpointing = True
+
+
+@contextmanager
+def layers_read_cache(layers: list[nn.Module]) -> Iterator[None]:
+    """Checkpointed ``layers`` keep the cache they are given for the block (transformers' switch for layers that only
+    read it): pass a :func:`~enigma_lightning.kvcache.read_only` cache."""
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            vars(m).pop("_can_checkpoint_with_cache", None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .prefix import PrefixPlan, prefill_prompts
+from .prefix import PrefixPlan, checkpoint_layers, layers_read_cache, prefill_prompts, unchecked
 
 
 @dataclass
@@ -180,8 +180,8 @@ class PerRowGumbel:
 def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                     completion_mask: Tensor, temperature: float = 1.0, hidden_layers: Sequence[int] = (),
                     num_generations: int = 1, shared_prompt: bool | None = None, compute_logps: bool = True,
-                    prefixes: PrefixPlan | None = None,
-                    prefix_store: dict | None = None) -> tuple[Tensor | None, dict[int, Tensor]]:
+                    prefixes: PrefixPlan | None = None, prefix_store: dict | None = None,
+                    overwrite_logits: bool = True) -> tuple[Tensor | None, dict[int, Tensor]]:
     """Log-probs [B, T] (float32) of the completion tokens, logits divided by the sampling temperature (as TRL
     does), and ``{layer: hidden states [B, T, D] at the completion positions}`` for each of ``hidden_layers``
     (indices into the model's ``hidden_states``; one forward serves both). ``compute_logps=False`` skips the
@@ -194,11 +194,17 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     flow through the cache, so values and gradients equal the plain forward's, for much less prompt compute and
     activation memory. ``prefix_store`` keeps a frozen model's prefix cache from call to call. ``shared_prompt=True``
     asserts that layout (callers that built the rows know it: no comparison, no host-device sync); ``None`` compares
-    the rows. Falls back to the plain forward when rows differ, when prompts are not left-padded, or under gradient
-    checkpointing (which disables the cache).
+    the rows. Under activation checkpointing the prompts run unchecked and the checkpointed completions read their
+    cache without extending it (:func:`~enigma_lightning.prefix.checkpoint_layers`). Falls back to the plain forward
+    when rows differ, when prompts are not left-padded, or when checkpointing cannot keep a cache (checkpointing
+    other than transformers' layers, sliding-window attention).
+
+    ``overwrite_logits``: the backward writes the logits' gradient into the logits' own memory (no second [B, T, V]
+    buffer; :func:`selective_log_softmax`), so the graph takes one backward; ``False`` allows more (``retain_graph``).
     """
     g = num_generations
-    shared = g > 1 and not checkpointing(model) and (
+    layers = checkpoint_layers(model)
+    shared = g > 1 and layers is not None and (
         shared_prompt if shared_prompt is not None else _groups_share_prompt(prompt_ids, g))
     if shared and prompt_ids.size(0) % g:
         raise ValueError(f"shared_prompt: {prompt_ids.size(0)} rows are not groups of {g}")
@@ -207,15 +213,24 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     t = completion_ids.size(1)
     want_hidden = bool(hidden_layers)
     head = None
+    pre = None
     if shared and plan is not None:
-        pre = prefill_prompts(model, prompt_ids[::g], prompt_mask[::g], plan, logits=compute_logps,
-                              store=prefix_store)
+        with unchecked(model):
+            pre = prefill_prompts(model, prompt_ids[::g], prompt_mask[::g], plan, logits=compute_logps,
+                                  store=prefix_store)
+        if layers:
+            from .kvcache import read_only
+
+            if not read_only(pre.cache):  # a layer kind the config did not announce: checkpointing would drop it
+                pre = None
+    if pre is not None:
         pre.cache.batch_repeat_interleave(g)  # differentiable: gradients reach the prompt's keys and values
         positions = pre.lengths.repeat_interleave(g)[:, None] + torch.arange(t, device=completion_ids.device)
-        out = model(input_ids=completion_ids, attention_mask=torch.cat([pre.mask.repeat_interleave(g, 0),
-                                                                        completion_mask], dim=1),
-                    position_ids=positions, past_key_values=pre.cache, use_cache=True,
-                    output_hidden_states=want_hidden, logits_to_keep=t if compute_logps else 1)
+        with layers_read_cache(layers):
+            out = model(input_ids=completion_ids, attention_mask=torch.cat([pre.mask.repeat_interleave(g, 0),
+                                                                            completion_mask], dim=1),
+                        position_ids=positions, past_key_values=pre.cache, use_cache=True,
+                        output_hidden_states=want_hidden, logits_to_keep=t if compute_logps else 1)
         # the prompt's last position predicts completion token 0
         head = pre.last_logits.repeat_interleave(g, dim=0) if compute_logps else None
     else:
@@ -225,11 +240,13 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     hidden = {layer: out.hidden_states[layer][:, -t:] for layer in hidden_layers} if want_hidden else {}
     if not compute_logps:
         return None, hidden
-    return selective_log_softmax(out.logits, completion_ids, temperature, head=head), hidden
+    # the logits are this forward's own (nothing else reads them): their memory can take their gradient
+    return selective_log_softmax(out.logits, completion_ids, temperature, head=head,
+                                 overwrite=overwrite_logits), hidden
 
 
 def checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on; it disables the KV cache in training."""
+    """Whether activation (gradient) checkpointing is on (transformers then drops the KV cache in training)."""
     name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
     return bool(getattr(model, name, False))
@@ -240,7 +257,8 @@ def _groups_share_prompt(prompt_ids: Tensor, g: int) -> bool:
     return b % g == 0 and torch.equal(prompt_ids, prompt_ids[::g].repeat_interleave(g, dim=0))
 
 
-def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0, head: Tensor | None = None) -> Tensor:
+def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0, head: Tensor | None = None,
+                          overwrite: bool = False) -> Tensor:
     """``log_softmax(logits / temperature)`` at ``index`` [B, T], in float32 (float64 for float64 logits), one row at
     a time.
 
@@ -250,8 +268,13 @@ def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.
     their float32 copy nor the log-softmax is materialised for the whole batch: forward and backward work on one
     [T, V] row at a time (the backward recomputes the row's softmax from the saved logits and log-normaliser), so
     the extra memory is one row, whatever the vocabulary.
+
+    ``overwrite``: the backward writes the gradient into ``logits`` and ``head`` themselves, row by row after reading
+    each (the same values, without a second [B, T, V] buffer: on the embedded default that is the largest tensor of
+    the step). Pass it only for logits that nothing reads after the backward; a second backward through the result
+    (``retain_graph``) is refused with an error.
     """
-    return _SelectiveLogSoftmax.apply(logits, index, float(temperature), head)
+    return _SelectiveLogSoftmax.apply(logits, index, float(temperature), head, overwrite)
 
 
 def _segments(logits: Tensor, head: Tensor | None, index: Tensor, b: int):
@@ -265,7 +288,7 @@ def _segments(logits: Tensor, head: Tensor | None, index: Tensor, b: int):
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, index, temperature, head):
+    def forward(ctx, logits, index, temperature, head, overwrite):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         out = torch.empty(index.shape, dtype=dtype, device=index.device)
         lse = torch.empty_like(out)
@@ -276,19 +299,27 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 lse[i, pos] = torch.logsumexp(x, dim=-1)
                 out[i, pos] = x.gather(-1, idx.unsqueeze(-1)).squeeze(-1) - lse[i, pos]
         ctx.save_for_backward(logits, index, lse, *(() if head is None else (head,)))
-        ctx.temperature = temperature
+        ctx.temperature, ctx.overwrite = temperature, overwrite
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.overwrite:
+            if getattr(ctx, "overwritten", False):
+                raise RuntimeError(
+                    "a second backward through log-probs whose logits hold the first backward's gradient "
+                    "(selective_log_softmax(overwrite=True)); compute them with per_token_logps(..., "
+                    "overwrite_logits=False), or set EnigmaModule.overwrite_logits = False, to backward more than once")
+            ctx.overwritten = True
         logits, index, lse, *rest = ctx.saved_tensors
         head = rest[0] if rest else None
         temperature = ctx.temperature
         t = index.size(1)
         h = 0 if head is None else head.size(1)
-        grad_logits = torch.empty_like(logits)
+        # each row is read (into p, below) before its gradient is written, so the logits can take it
+        grad_logits = logits if ctx.overwrite else torch.empty_like(logits)
         grad_logits[:, t - h :].zero_()  # positions past the completion (the last, unused logits)
-        grad_head = None if head is None else torch.empty_like(head)
+        grad_head = None if head is None else head if ctx.overwrite else torch.empty_like(head)
         grads = (grad_logits,) if head is None else (grad_head, grad_logits)
         for i in range(index.size(0)):
             for (x, idx, pos), gbuf in zip(_segments(logits, head, index, i), grads, strict=True):
@@ -306,4 +337,4 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 p.sub_(lse[i, pos].unsqueeze(-1)).exp_().mul_(-g).scatter_add_(-1, idx.unsqueeze(-1), g)
                 if p is not out:
                     out.copy_(p)
-        return grad_logits, None, None, grad_head
+        return grad_logits, None, None, grad_head, None

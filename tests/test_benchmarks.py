@@ -38,11 +38,14 @@ def test_step_time_of_the_cheaper_sami_settings_in_rounds():
     assert all(len(x.split(")")[0].split(", ")) == 2 for x in out.split("(by round: ")[1:])
 
 
-def test_prompt_sharing_benchmark_on_the_tiny_model():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prompt_sharing_benchmark_on_the_tiny_model(checkpointing):
     script = SCRIPT.parent / "prompt_sharing.py"
+    flag = "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"
     r = subprocess.run([sys.executable, str(script), "--model", "tiny:llama", "--warmup", "0", "--repeats", "1",
-                        "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
+                        "--max-new-tokens", "8", flag], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"activation checkpointing {'on' if checkpointing else 'off'}" in r.stdout
     for line in ("  plain: fwd+bwd", " prompt: fwd+bwd", " prefix: fwd+bwd", "prompt / plain: time",
                  "prefix / plain: time"):
         assert line in r.stdout, line

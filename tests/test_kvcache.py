@@ -1,10 +1,12 @@
-"""The in-place KV cache used while sampling: the same keys, values and tokens as transformers' own cache."""
+"""The in-place KV cache used while sampling: the same keys, values and tokens as transformers' own cache; the
+read-only prompt cache of training under activation checkpointing."""
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from enigma_lightning.kvcache import ReservedLayer
+from enigma_lightning.kvcache import ReadOnlyLayer, ReservedLayer, read_only
 from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
 from enigma_lightning.prompts import PromptTemplate
 from enigma_lightning.rollout import SamplingConfig, generate, row_seeds
@@ -94,3 +96,26 @@ def test_generation_samples_the_same_tokens_with_the_reserved_cache(tiny, monkey
     assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
     assert outs[True].completions == outs[False].completions
     assert outs[True].lengths.float().mean() > 1
+
+
+def test_read_only_cache_returns_the_prompt_and_the_new_states_and_keeps_the_prompt():
+    """A layer replayed by activation checkpointing sees the same cache; gradients reach the cached states; layer
+    kinds other than a full-attention DynamicLayer are refused (the cache is left as it was)."""
+    prompt_k = torch.randn(2, 3, 5, 4, requires_grad=True)
+    cache = DynamicCache()
+    cache.update(prompt_k * 1, prompt_k * 2, 0)
+    assert read_only(cache) and type(cache.layers[0]) is ReadOnlyLayer
+    new = torch.randn(2, 3, 4, 4)
+    for _ in range(2):  # the first run, then the replay
+        k, v = cache.update(new, -new, 0)
+        assert torch.equal(k, torch.cat([prompt_k, new], -2)) and torch.equal(v, torch.cat([prompt_k * 2, -new], -2))
+        assert cache.get_seq_length() == 5
+    k.sum().backward()
+    assert torch.equal(prompt_k.grad, torch.ones_like(prompt_k))
+    sliding = DynamicCache()
+    sliding.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=8)]
+    for i in range(2):
+        sliding.update(new, new, i)
+    before = list(sliding.layers)
+    assert not read_only(sliding) and sliding.layers == before
+    assert not read_only(DynamicCache(config=None))  # nothing cached yet

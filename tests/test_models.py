@@ -7,6 +7,7 @@ from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
 from enigma_lightning.prompts import PromptTemplate
 from enigma_lightning.rollout import (
     SamplingConfig,
+    checkpointing,
     completion_mask_from_eos,
     generate,
     per_token_logps,
@@ -95,33 +96,46 @@ def test_minilm_encoder_is_frozen_and_semantic():
 
 
 def test_shared_prompt_forward_equals_plain_forward(tiny_dir):
-    """Prompt once per group + repeated KV cache: same log-probs, hidden states and gradients as the plain forward."""
+    """Prompt once per group + repeated KV cache: same log-probs, hidden states and gradients as the plain forward;
+    under activation checkpointing too (the prompts run unchecked, the checkpointed completions read their cache),
+    where the prompt tokens then run once per group rather than once per row."""
     spec = ModelSpec(name_or_path=str(tiny_dir))
     tok, model = load_tokenizer(spec), load_policy(spec)
     prompts = [PromptTemplate(system="{principles}").render(tok, q, "Be clear.") for q in ("What is 2 + 2?", "Hi")]
     ro = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10))
     args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
     layers = (0, 1, -1)
+    checkpointed = load_policy(ModelSpec(name_or_path=str(tiny_dir), gradient_checkpointing=True))  # same weights
+    checkpointed.train()
+    assert checkpointing(checkpointed) and not checkpointing(model)
+    embedded = []
+    for mod in (model, checkpointed):
+        mod.get_input_embeddings().register_forward_hook(lambda mod, inp, out: embedded.append(inp[0].numel()))
     results = []
-    for g in (1, 3):
-        model.zero_grad()
-        logps, hidden = per_token_logps(model, *args, hidden_layers=layers, num_generations=g)
+    for g, mod in ((1, model), (3, model), (3, checkpointed)):
+        mod.zero_grad()
+        embedded.clear()
+        logps, hidden = per_token_logps(mod, *args, hidden_layers=layers, num_generations=g)
         assert sorted(hidden) == sorted(layers) and hidden[-1].shape[:2] == ro.completion_ids.shape
         ((logps * ro.completion_mask).sum() + hidden[-1].pow(2).mean()).backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        results.append((logps.detach(), {k: h.detach() for k, h in hidden.items()}, grads))
-    (lp1, h1, g1), (lp3, h3, g3) = results
+        grads = [p.grad.clone() for p in mod.parameters()]
+        results.append((logps.detach(), {k: h.detach() for k, h in hidden.items()}, grads, sum(embedded)))
+    (lp1, h1, g1, n1), *shared = results
     m = ro.completion_mask.bool()
-    torch.testing.assert_close(lp3[m], lp1[m], rtol=1e-4, atol=1e-5)
-    for layer in layers:
-        torch.testing.assert_close(h3[layer][m], h1[layer][m], rtol=1e-4, atol=1e-4)
-    for a, b in zip(g1, g3, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+    for lp3, h3, g3, n3 in shared:
+        # each row's prompt and completion vs the completions plus each distinct prompt's tokens once
+        assert n1 == ro.prompt_ids.numel() + ro.completion_ids.numel() and n3 < n1 - ro.prompt_ids.numel() // 2
+        torch.testing.assert_close(lp3[m], lp1[m], rtol=1e-4, atol=1e-5)
+        for layer in layers:
+            torch.testing.assert_close(h3[layer][m], h1[layer][m], rtol=1e-4, atol=1e-4)
+        for a, b in zip(g1, g3, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
 
 
 def test_selective_log_softmax_values_and_gradients_match_autograd():
     """The row-by-row function with the temperature folded in, with and without a separate first position (the
-    prompt's last logits), against log_softmax(cat / T) and autograd's own gradient, in float32 and bfloat16."""
+    prompt's last logits), against log_softmax(cat / T) and autograd's own gradient, in float32 and bfloat16; with
+    ``overwrite`` the same bits, the gradient left in the logits, and a second backward refused."""
     torch.manual_seed(0)
     b, t, v, temp = 3, 5, 17, 0.7
     index = torch.randint(0, v, (b, t))
@@ -144,6 +158,19 @@ def test_selective_log_softmax_values_and_gradients_match_autograd():
                     assert g.dtype == dtype
                     torch.testing.assert_close(g.float(), e.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                                atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+            # overwrite: the gradient is written into the logits themselves (a model's output, as in training);
+            # values and gradients are the same bits, and the logits then hold their gradient
+            own_head, own_tail = head * 1, tail * 1
+            before = own_tail.detach().clone()
+            got = selective_log_softmax(own_tail, index, temp, head=own_head if use_head else None, overwrite=True)
+            assert torch.equal(own_tail, before)  # the forward leaves them as they are
+            loss = (got * weights).sum()
+            over_grads = torch.autograd.grad(loss, [head, tail], allow_unused=True, retain_graph=True)
+            for g, o in zip(got_grads, over_grads, strict=True):
+                assert (g is None and o is None) or torch.equal(g, o)
+            assert torch.equal(own_tail.detach(), got_grads[1])
+            with pytest.raises(RuntimeError, match="overwrite_logits=False"):
+                torch.autograd.grad(loss, [tail])
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     h = torch.randn(2, 1, 6, dtype=torch.float64, requires_grad=True)
     i = torch.randint(0, 6, (2, 3))
