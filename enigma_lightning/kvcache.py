@@ -33,9 +33,7 @@ class ReservedLayer(DynamicLayer):
     @classmethod
     def adopt(cls, layer: DynamicLayer, reserve: int) -> ReservedLayer:
         """The same cached keys and values, with room for ``reserve`` more tokens (allocated at the next update)."""
-        new = cls(reserve)
-        vars(new).update(vars(layer))  # keys, values, dtype, device, is_initialized (a DynamicLayer has no others)
-        return new
+        return _adopt(cls(reserve), layer)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -55,6 +53,12 @@ class ReservedLayer(DynamicLayer):
         self.keys = self._view = k[..., : n + new, :]
         self.values = v[..., : n + new, :]
         return self.keys, self.values
+
+
+def _adopt(new: DynamicLayer, layer: DynamicLayer) -> DynamicLayer:
+    """``new`` holding ``layer``'s state: keys, values, dtype, device, is_initialized (a DynamicLayer has no other)."""
+    vars(new).update(vars(layer))
+    return new
 
 
 def reserve(cache, tokens: int):
@@ -81,10 +85,5 @@ def read_only(cache) -> bool:
     cache left as it is, when a layer is of another kind (sliding window, ...) or empty."""
     if not cache.layers or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
         return False
-    new = []
-    for layer in cache.layers:
-        ro = ReadOnlyLayer.__new__(ReadOnlyLayer)
-        vars(ro).update(vars(layer))  # keys, values, dtype, device, is_initialized
-        new.append(ro)
-    cache.layers = new
+    cache.layers = [_adopt(ReadOnlyLayer(), layer) for layer in cache.layers]
     return True

@@ -203,8 +203,8 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     buffer; :func:`selective_log_softmax`), so the graph takes one backward; ``False`` allows more (``retain_graph``).
     """
     g = num_generations
-    layers = checkpoint_layers(model)
-    shared = g > 1 and layers is not None and (
+    layers = checkpoint_layers(model) if g > 1 else None  # None: the plain forward
+    shared = layers is not None and (
         shared_prompt if shared_prompt is not None else _groups_share_prompt(prompt_ids, g))
     if shared and prompt_ids.size(0) % g:
         raise ValueError(f"shared_prompt: {prompt_ids.size(0)} rows are not groups of {g}")
@@ -317,9 +317,10 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         t = index.size(1)
         h = 0 if head is None else head.size(1)
         # each row is read (into p, below) before its gradient is written, so the logits can take it
-        grad_logits = logits if ctx.overwrite else torch.empty_like(logits)
+        buffer = (lambda x: x) if ctx.overwrite else torch.empty_like
+        grad_logits = buffer(logits)
         grad_logits[:, t - h :].zero_()  # positions past the completion (the last, unused logits)
-        grad_head = None if head is None else head if ctx.overwrite else torch.empty_like(head)
+        grad_head = None if head is None else buffer(head)
         grads = (grad_logits,) if head is None else (grad_head, grad_logits)
         for i in range(index.size(0)):
             for (x, idx, pos), gbuf in zip(_segments(logits, head, index, i), grads, strict=True):
