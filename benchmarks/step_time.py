@@ -19,7 +19,8 @@ step, with its spread.
 Rollouts are fixed-length by default (``--fixed-length``: EOS suppressed until ``--max-new-tokens``) so both
 frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS. Activation
 checkpointing is off in both by default (the embedded preset's setting; TRL's own default is on);
-``--gradient-checkpointing`` turns it on in both. Phase times wait for the device (``sync_timings``) on GPU.
+``--gradient-checkpointing`` turns it on in both (``--checkpoint-every N``: ours checkpoints every N-th layer only,
+with ``--no-trl``). Phase times wait for the device (``sync_timings``) on GPU.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def run_ours(args) -> dict:
                  f"rollout.min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
                  f"rollout.temperature={args.temperature}", f"grpo.loss_type={args.loss_type}",
                  "grpo.importance_sampling_level=sequence", "logger=none", f"seed={args.seed}",
-                 f"model.gradient_checkpointing={args.gradient_checkpointing}", f"cpu_malloc={args.cpu_malloc}",
+                 f"model.gradient_checkpointing={args.gradient_checkpointing}",
+                 f"model.checkpoint_every_n_layers={args.checkpoint_every}", f"cpu_malloc={args.cpu_malloc}",
                  f"rollout.reserve_cache={args.reserve_cache}"]
     overrides += EXTRA.get(args.config, [])
     if "sami" in loss or loss == "full":
@@ -220,7 +222,7 @@ def worker(args) -> None:
 def _spawn(args, framework: str, config: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--config", config]
     for k in ("model", "model_shape", "device", "dtype", "G", "prompts", "max_new_tokens", "temperature", "steps",
-              "warmup", "loss_type", "seed", "cpu_malloc", "trl_cpu_malloc"):
+              "warmup", "loss_type", "seed", "cpu_malloc", "trl_cpu_malloc", "checkpoint_every"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -292,6 +294,8 @@ def main() -> None:
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="activation checkpointing in both frameworks (TRL's own default is on; the embedded preset's off)")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="with --gradient-checkpointing: our model.checkpoint_every_n_layers (ours only: needs --no-trl)")
     p.add_argument("--cpu-malloc", default="reuse", choices=CPU_MALLOC_MODES,
                    help="our cpu_malloc setting (enigma_lightning.allocator; training's default is reuse)")
     p.add_argument("--trl-cpu-malloc", default="system", choices=CPU_MALLOC_MODES,
@@ -314,9 +318,13 @@ def main() -> None:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1; got {args.rounds}")
+    if args.checkpoint_every != 1 and not (args.gradient_checkpointing and not args.trl):
+        raise SystemExit("--checkpoint-every N (N > 1) needs --gradient-checkpointing and --no-trl (TRL is always run "
+                         "with every layer checkpointed here, so the comparison would not be like for like)")
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G}, "
           f"{args.max_new_tokens} new tokens{' (fixed length)' if args.fixed_length else ''}, loss_type "
           f"{args.loss_type}, sequence-level IS, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+          + (f" (every {args.checkpoint_every} layers)" if args.checkpoint_every != 1 else "")
           + f", reserve_cache {str(args.reserve_cache).lower()}"
           + (f", cpu_malloc {args.cpu_malloc}" + (f" (TRL: {args.trl_cpu_malloc})" if args.trl else "")
              if args.device == "cpu" else "")

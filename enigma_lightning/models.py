@@ -9,6 +9,7 @@ for smoke runs, see :mod:`enigma_lightning.tiny`). Hub ids and folders go throug
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class ModelSpec:
     cache_dir: str | None = None  # where embedded/tiny checkpoints are cached; None: ~/.cache/enigma_lightning
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
+    checkpoint_every_n_layers: int = 1  # with gradient_checkpointing: checkpoint decoder layers 0, n, 2n, ... only
     trust_remote_code: bool = False
     tiny: dict[str, Any] = field(default_factory=dict)  # size of a ``tiny:llama`` model
 
@@ -78,11 +80,32 @@ def load_policy(spec: ModelSpec) -> nn.Module:
         kwargs["revision"] = spec.revision
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
+    n = spec.checkpoint_every_n_layers
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise EnigmaError(f"model.checkpoint_every_n_layers must be an integer >= 1 (1: every layer); got {n!r}.")
+    if n != 1 and not spec.gradient_checkpointing:
+        raise EnigmaError(f"model.checkpoint_every_n_layers={n} has no effect without checkpointing: set "
+                          "model.gradient_checkpointing=true, or leave checkpoint_every_n_layers at 1.")
     model = AutoModelForCausalLM.from_pretrained(spec.resolved_path(), **kwargs)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model, n)
     return model
+
+
+def enable_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
+    """Non-reentrant activation checkpointing of decoder layers 0, n, 2n, ... (the other layers keep their
+    activations: faster, more memory). Non-reentrant, so gradients reach a KV cache passed into a checkpointed layer
+    (:mod:`enigma_lightning.prefix` relies on it)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable is its deprecated alias
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    else:
+        extra = {"every_n_layers": every_n_layers} if every_n_layers != 1 else {}
+        if extra and "every_n_layers" not in inspect.signature(model.gradient_checkpointing_enable).parameters:
+            raise EnigmaError("model.checkpoint_every_n_layers > 1 needs a transformers release whose checkpointing "
+                              "takes every_n_layers; upgrade transformers or set model.checkpoint_every_n_layers=1.")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
+    model.config.use_cache = False
 
 
 def apply_lora(model: nn.Module, lora_config: Any) -> nn.Module:

@@ -27,8 +27,11 @@ def test_step_time_against_trl_on_the_tiny_model():
 
 
 def test_step_time_of_the_cheaper_sami_settings_in_rounds():
+    """Also with every other layer checkpointed (ours only: a like-for-like TRL run has no such setting)."""
     out = _run("--model", "tiny:llama", "--configs", "grpo,full_stopgrad,full_encoder", "--steps", "1", "--warmup",
-               "0", "--max-new-tokens", "8", "--prompts", "2", "--no-trl", "--rounds", "2")
+               "0", "--max-new-tokens", "8", "--prompts", "2", "--no-trl", "--rounds", "2", "--gradient-checkpointing",
+               "--checkpoint-every", "2")
+    assert "gradient checkpointing on (every 2 layers)" in out
     for label in ("loss=full sami.negatives_grad=false: step", "loss=full sami.critic=encoder: step"):
         assert label in out, label
     assert "TRL" not in out and "1 timed steps per process, 2 rounds" in out
@@ -36,6 +39,12 @@ def test_step_time_of_the_cheaper_sami_settings_in_rounds():
         assert len(block.splitlines()[0].split(", ")) == 2
     assert out.count("(by round: ") == 2  # the two SAMI settings, one ratio to loss=grpo per round
     assert all(len(x.split(")")[0].split(", ")) == 2 for x in out.split("(by round: ")[1:])
+
+
+def test_step_time_refuses_partial_checkpointing_against_trl():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny:llama", "--gradient-checkpointing",
+                        "--checkpoint-every", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--checkpoint-every N (N > 1) needs --gradient-checkpointing and --no-trl" in r.stderr
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

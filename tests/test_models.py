@@ -95,24 +95,38 @@ def test_minilm_encoder_is_frozen_and_semantic():
     assert not any(p.requires_grad for p in enc.parameters())
 
 
+def test_checkpoint_every_n_layers_is_checked(tiny_dir):
+    from enigma_lightning.errors import EnigmaError
+
+    for n, on, match in ((0, True, "integer >= 1"), (1.5, True, "integer >= 1"), (2, False, "gradient_checkpointing=true")):
+        spec = ModelSpec(name_or_path=str(tiny_dir), gradient_checkpointing=on, checkpoint_every_n_layers=n)
+        with pytest.raises(EnigmaError, match=f"model.checkpoint_every_n_layers.*{match}"):
+            load_policy(spec)
+
+
 def test_shared_prompt_forward_equals_plain_forward(tiny_dir):
     """Prompt once per group + repeated KV cache: same log-probs, hidden states and gradients as the plain forward;
-    under activation checkpointing too (the prompts run unchecked, the checkpointed completions read their cache),
-    where the prompt tokens then run once per group rather than once per row."""
+    under activation checkpointing too, of every layer or of every other layer (the prompts run unchecked, the
+    checkpointed completions read their cache), where the prompt tokens then run once per group rather than once per
+    row."""
     spec = ModelSpec(name_or_path=str(tiny_dir))
     tok, model = load_tokenizer(spec), load_policy(spec)
     prompts = [PromptTemplate(system="{principles}").render(tok, q, "Be clear.") for q in ("What is 2 + 2?", "Hi")]
     ro = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10))
     args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
     layers = (0, 1, -1)
-    checkpointed = load_policy(ModelSpec(name_or_path=str(tiny_dir), gradient_checkpointing=True))  # same weights
-    checkpointed.train()
-    assert checkpointing(checkpointed) and not checkpointing(model)
+    # same weights, every layer checkpointed / only layer 0 of 2 (the other keeps its activations)
+    checkpointed, half = (load_policy(ModelSpec(name_or_path=str(tiny_dir), gradient_checkpointing=True,
+                                                checkpoint_every_n_layers=n)) for n in (1, 2))
+    for mod, flags in ((checkpointed, [True, True]), (half, [True, False])):
+        mod.train()
+        assert checkpointing(mod) and [layer.gradient_checkpointing for layer in mod.model.layers] == flags
+    assert not checkpointing(model)
     embedded = []
-    for mod in (model, checkpointed):
+    for mod in (model, checkpointed, half):
         mod.get_input_embeddings().register_forward_hook(lambda mod, inp, out: embedded.append(inp[0].numel()))
     results = []
-    for g, mod in ((1, model), (3, model), (3, checkpointed)):
+    for g, mod in ((1, model), (3, model), (3, checkpointed), (3, half)):
         mod.zero_grad()
         embedded.clear()
         logps, hidden = per_token_logps(mod, *args, hidden_layers=layers, num_generations=g)
