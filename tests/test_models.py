@@ -104,6 +104,27 @@ def test_checkpoint_every_n_layers_is_checked(tiny_dir):
             load_policy(spec)
 
 
+def test_checkpointing_falls_back_to_releases_before_activation_checkpointing_enable():
+    from types import SimpleNamespace
+
+    from enigma_lightning.errors import EnigmaError
+    from enigma_lightning.models import enable_checkpointing
+
+    class Older(torch.nn.Module):  # the method as releases without every_n_layers define it
+        def __init__(self):
+            super().__init__()
+            self.config, self.kwargs = SimpleNamespace(use_cache=True), None
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    model = Older()
+    enable_checkpointing(model)
+    assert model.kwargs == {"use_reentrant": False} and model.config.use_cache is False
+    with pytest.raises(EnigmaError, match="model.checkpoint_every_n_layers > 1 needs a transformers release"):
+        enable_checkpointing(Older(), 2)
+
+
 def test_shared_prompt_forward_equals_plain_forward(tiny_dir):
     """Prompt once per group + repeated KV cache: same log-probs, hidden states and gradients as the plain forward;
     under activation checkpointing too, of every layer or of every other layer (the prompts run unchecked, the
