@@ -99,12 +99,13 @@ def enable_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable is its deprecated alias
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif "every_n_layers" in inspect.signature(model.gradient_checkpointing_enable).parameters:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
     else:
-        extra = {"every_n_layers": every_n_layers} if every_n_layers != 1 else {}
-        if extra and "every_n_layers" not in inspect.signature(model.gradient_checkpointing_enable).parameters:
-            raise EnigmaError("model.checkpoint_every_n_layers > 1 needs a transformers release whose checkpointing "
-                              "takes every_n_layers; upgrade transformers or set model.checkpoint_every_n_layers=1.")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
+        raise EnigmaError("model.checkpoint_every_n_layers > 1 needs a transformers release whose checkpointing "
+                          "takes every_n_layers; upgrade transformers or set model.checkpoint_every_n_layers=1.")
     model.config.use_cache = False
 
 
