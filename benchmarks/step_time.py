@@ -16,6 +16,11 @@ peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and each t
 loss type and importance-sampling level, and prints the ratio of our ``loss=grpo`` step time to TRL's, step by
 step, with its spread.
 
+``--flops`` (default on) runs one more step in each process, untimed, under torch's FLOP counter (matrix products
+and attention), and prints each phase's FLOPs and achieved rate against the fastest square matrix product measured
+on the device in the same run, the step time the compute-bound phases (reference forward, policy forward,
+backward) would allow at that rate, and the FLOPs of a TRL step against ours.
+
 Rollouts are fixed-length by default (``--fixed-length``: EOS suppressed until ``--max-new-tokens``) so both
 frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS. Activation
 checkpointing is off in both by default (the embedded preset's setting; TRL's own default is on);
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from enigma_lightning.allocator import MODES as CPU_MALLOC_MODES
@@ -50,6 +56,27 @@ SHAPES = {  # real architectures, random weights (no hub needed)
                         max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5, head_dim=64),
 }
 BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM bandwidth of the SXM parts
+TRAINING_PHASES = ("reference", "policy_forward", "backward")  # the compute-bound phases (large matrix products)
+
+
+def flop_counter():
+    """torch's ``FlopCounterMode`` (matrix products and attention; elementwise work is not counted), taught the CPU
+    attention kernels it lacks: on CPU ``scaled_dot_product_attention`` runs ``_scaled_dot_product_flash_attention_
+    for_cpu``, counted like the GPU kernels (every query against every key, the masked ones included, as it runs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
 
 
 def _peak_memory(device: str) -> float:
@@ -130,30 +157,41 @@ def run_ours(args) -> dict:
     module.sync_timings = True  # per-phase figures are device times on GPU
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
-    rows = _prompts(args.prompts * (args.warmup + args.steps), instantiate(cfg.prompt), module.tokenizer,
-                    module.principles.text)
-    steps = []
-    for i in range(args.warmup + args.steps):
+    total = args.warmup + args.steps + args.flops
+    rows = _prompts(args.prompts * total, instantiate(cfg.prompt), module.tokenizer, module.principles.text)
+    steps, flops = [], None
+    for i in range(total):
         batch = rows[i * args.prompts : (i + 1) * args.prompts]
         batch = {"source": [r["source"] for r in batch], "target": [r["target"] for r in batch]}
         module._buffer = None
-        _sync(args.device)
-        t0 = time.perf_counter()
-        loss_value = module.training_step(batch, i)
-        _sync(args.device)
-        t1 = time.perf_counter()
-        loss_value.backward()
-        _sync(args.device)
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(args.device)
-        t3 = time.perf_counter()
-        if i >= args.warmup:
-            phases = dict(module.last_timings, backward=t2 - t1, optimizer=t3 - t2)
+        # --flops: one more step, untimed, under a FLOP counter. The module reads its phase clock (``_clock``)
+        # at each phase's start and end, so a clock that reads the counter gives each phase's FLOPs instead.
+        counted = args.flops and i == total - 1
+        counter = flop_counter() if counted else nullcontext()
+        with counter:
+            now = (lambda c=counter: float(c.get_total_flops())) if counted else time.perf_counter
+            if counted:
+                module._clock = now
+            _sync(args.device)
+            t0 = now()
+            loss_value = module.training_step(batch, i)
+            _sync(args.device)
+            t1 = now()
+            loss_value.backward()
+            _sync(args.device)
+            t2 = now()
+            torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(args.device)
+            t3 = now()
+        phases = dict(module.last_timings, backward=t2 - t1, optimizer=t3 - t2)
+        if counted:
+            del module._clock
+            flops = {"step": t3 - t0, "phases": phases}
+        elif i >= args.warmup:
             steps.append({"step": t3 - t0, "phases": phases, "tokens": int(module.last_completion_tokens)})
-    return {"steps": steps, "peak_memory_gib": _peak_memory(args.device)}
+    return {"steps": steps, "flops": flops, "peak_memory_gib": _peak_memory(args.device)}
 
 
 def run_trl(args) -> dict:
@@ -177,7 +215,8 @@ def run_trl(args) -> dict:
         allocator.configure(args.trl_cpu_malloc)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
-    rows = _prompts(args.prompts * (args.warmup + args.steps), template, tok, principles)
+    total = args.warmup + args.steps + args.flops
+    rows = _prompts(args.prompts * total, template, tok, principles)
 
     # our reward functions; TRL's completions do not include the prompt's assistant prefill, ours do
     def format_reward(prompts, completions, **kw):
@@ -187,22 +226,32 @@ def run_trl(args) -> dict:
         return gated_correctness_reward(prompts, [template.prefill + c for c in completions], **kw)
 
     times: list[float] = []
+    flops: dict = {}
 
     class Timer(TrainerCallback):
+        """Times each step; with --flops the last step is untimed and counted."""
+
         def on_step_begin(self, a, state, control, **kw):
             _sync(args.device)
+            if args.flops and state.global_step == total - 1:
+                self.counter = flop_counter()
+                self.counter.__enter__()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             _sync(args.device)
-            times.append(time.perf_counter() - self.t0)
+            if getattr(self, "counter", None) is not None:
+                self.counter.__exit__(None, None, None)
+                flops["step"], self.counter = float(self.counter.get_total_flops()), None
+            else:
+                times.append(time.perf_counter() - self.t0)
 
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.G, num_generations=args.G,
         max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
         loss_type=args.loss_type, importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.0,
         learning_rate=3e-5, adam_beta2=0.99, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0,
-        max_steps=args.warmup + args.steps, logging_steps=1, report_to="none", save_strategy="no",
+        max_steps=total, logging_steps=1, report_to="none", save_strategy="no",
         use_cpu=args.device == "cpu", bf16=False, gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, shuffle_dataset=False, disable_tqdm=True,
         generation_kwargs={"min_new_tokens": args.max_new_tokens} if args.fixed_length else None,
         dataloader_num_workers=0)
@@ -210,7 +259,7 @@ def run_trl(args) -> dict:
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Timer()])
     trainer.train()
     steps = [{"step": t, "phases": {}, "tokens": None} for t in times[args.warmup :]]
-    return {"steps": steps, "peak_memory_gib": _peak_memory(args.device)}
+    return {"steps": steps, "flops": flops or None, "peak_memory_gib": _peak_memory(args.device)}
 
 
 def worker(args) -> None:
@@ -229,6 +278,7 @@ def _spawn(args, framework: str, config: str) -> dict:
     cmd.append("--fixed-length" if args.fixed_length else "--no-fixed-length")
     cmd.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
     cmd.append("--reserve-cache" if args.reserve_cache else "--no-reserve-cache")
+    cmd.append("--flops" if args.flops else "--no-flops")
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
@@ -237,12 +287,14 @@ def _spawn(args, framework: str, config: str) -> dict:
 
 
 def _merge(acc: dict | None, run: dict) -> dict:
-    """One configuration's runs so far plus ``run``: every timed step, each run's mean step, the highest peak."""
+    """One configuration's runs so far plus ``run``: every timed step, each run's mean step, the highest peak, the
+    first run's FLOP count (every round does the same work)."""
     run = {**run, "round_means": [statistics.mean(s["step"] for s in run["steps"])]}
     if acc is None:
         return run
     return {"steps": acc["steps"] + run["steps"], "round_means": acc["round_means"] + run["round_means"],
-            "peak_memory_gib": max(acc["peak_memory_gib"], run["peak_memory_gib"])}
+            "peak_memory_gib": max(acc["peak_memory_gib"], run["peak_memory_gib"]),
+            "flops": acc.get("flops") or run.get("flops")}
 
 
 def bandwidth_share(tokens_per_s: float, weight_bytes: int, rows: int, gbs: float) -> tuple[float, float]:
@@ -272,6 +324,38 @@ def _bandwidth_bound(args, result: dict) -> str:
     bound, share = bandwidth_share(gen, weight_bytes, rows, gbs)
     return f"  generation {gen:.0f} tok/s = {100 * share:.1f}% of the bandwidth limit {bound:.0f} tok/s " \
            f"({gbs:.0f} GB/s, {weight_bytes / 2**30:.2f} GiB of weights, {rows} rows)"
+
+
+def matmul_baseline(device: str, dtype: str) -> tuple[float, int]:
+    """(GFLOP/s, n) of the fastest n x n x n matrix product in ``dtype`` on ``device`` (best of 3 per size): the
+    rate the compute-bound phases are compared with."""
+    import torch
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    sizes = (4096, 8192) if device.startswith("cuda") else (512, 1024, 2048) if dtype != "float32" else \
+        (1024, 2048, 4096)
+    best = (0.0, 0)
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dt) for _ in range(2))
+        c = a @ b
+        for _ in range(3):
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            _sync(device)
+            best = max(best, (2 * n**3 / (time.perf_counter() - t0) / 1e9, n))
+        del a, b, c
+    return best
+
+
+def step_at_rate(step: float, times: dict[str, float], flops: dict[str, float], gflops: float) -> float:
+    """The step time if each compute-bound phase (``TRAINING_PHASES``) ran its counted FLOPs at ``gflops`` (or at
+    its own measured rate where that is faster), every other phase as measured."""
+    saved = 0.0
+    for ph in TRAINING_PHASES:
+        if ph in times and flops.get(ph, 0) > 0:
+            saved += times[ph] - min(times[ph], flops[ph] / (gflops * 1e9))
+    return step - saved
 
 
 def main() -> None:
@@ -304,6 +388,9 @@ def main() -> None:
                    help="our rollout.reserve_cache (KV cache written in place while sampling; TRL's grows by torch.cat)")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bandwidth-gbs", type=float, default=None)
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+                   help="count each phase's FLOPs (matrix products, attention) in one more, untimed step, and "
+                        "compare the rates with the fastest matrix product measured on the device")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--framework", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--config", default="grpo", help=argparse.SUPPRESS)
@@ -329,6 +416,7 @@ def main() -> None:
           + (f", cpu_malloc {args.cpu_malloc}" + (f" (TRL: {args.trl_cpu_malloc})" if args.trl else "")
              if args.device == "cpu" else "")
           + f"; {args.warmup} warm-up + {args.steps} timed steps"
+          + (" (+ 1 counted step)" if args.flops else "")
           + (f" per process, {args.rounds} rounds\n" if args.rounds > 1 else "\n"))
     # Round after round, each configuration (then TRL) runs in a fresh process: drift in the machine's speed
     # reaches every configuration alike, and each round gives its own ratio.
@@ -340,6 +428,17 @@ def main() -> None:
         if args.trl:
             trl = _merge(trl, _spawn(args, "trl", "grpo"))
     base = statistics.mean(s["step"] for s in results["grpo"]["steps"]) if "grpo" in results else None
+    rate = None
+    if args.flops:
+        rate, n = matmul_baseline(args.device, args.dtype)
+        print(f"matmul baseline: {rate:.1f} GFLOP/s ({n} x {n} x {n} {args.dtype} product, the fastest of those "
+              f"measured); FLOPs below are matrix products and attention, counted in one more step\n")
+
+    def mean_phases(r: dict) -> dict[str, float]:
+        return {ph: statistics.mean(s["phases"][ph] for s in r["steps"]) for ph in r["steps"][0]["phases"]}
+
+    floor = {c: step_at_rate(statistics.mean(s["step"] for s in r["steps"]), mean_phases(r), r["flops"]["phases"],
+                             rate) for c, r in results.items() if rate and r.get("flops")}
     for c, r in results.items():
         mean_step = statistics.mean(s["step"] for s in r["steps"])
         tokens = statistics.mean(s["tokens"] for s in r["steps"])
@@ -351,10 +450,17 @@ def main() -> None:
               + (f", {mean_step / base:.2f}x loss=grpo" if base and c != "grpo" else "")
               + (" (by round: " + ", ".join(f"{x:.2f}" for x in by_round) + ")" if by_round else ""))
         print("    steps (s)       " + ", ".join(f"{s['step']:.2f}" for s in r["steps"]))
-        phases = r["steps"][0]["phases"].keys()
-        for ph in phases:
-            t = statistics.mean(s["phases"][ph] for s in r["steps"])
-            print(f"    {ph:<15} {t:7.3f} s  {100 * t / mean_step:5.1f}%")
+        counted = r["flops"]["phases"] if r.get("flops") else {}
+        for ph, t in mean_phases(r).items():
+            f = counted.get(ph, 0.0)
+            print(f"    {ph:<15} {t:7.3f} s  {100 * t / mean_step:5.1f}%"
+                  + (f"  {f / 1e9:9.2f} GFLOP  {f / t / 1e9:7.1f} GFLOP/s ({100 * f / t / 1e9 / rate:3.0f}% of the "
+                     f"baseline)" if f > 0 and rate else ""))
+        if c in floor:
+            f = r["flops"]["step"]
+            print(f"    counted: {f / 1e9:.1f} GFLOP per step, {f / mean_step / 1e9:.1f} GFLOP/s over the step; with "
+                  f"{', '.join(TRAINING_PHASES)} at the baseline rate: {floor[c]:.2f} s"
+                  + (f", {floor[c] / floor['grpo']:.2f}x loss=grpo's" if c != "grpo" and "grpo" in floor else ""))
         if c == "grpo" and (line := _bandwidth_bound(args, r)):
             print(line)
         print()
@@ -365,6 +471,10 @@ def main() -> None:
         mem_ratio = results["grpo"]["peak_memory_gib"] / trl["peak_memory_gib"]
         print(f"TRL GRPOTrainer: step {statistics.mean(theirs):.2f} s (sd {statistics.pstdev(theirs):.2f}), "
               f"peak memory {trl['peak_memory_gib']:.2f} GiB")
+        if trl.get("flops") and results["grpo"].get("flops"):
+            f_trl, f_ours = trl["flops"]["step"], results["grpo"]["flops"]["step"]
+            print(f"counted FLOPs per step: TRL {f_trl / 1e9:.1f} GFLOP, ours (loss=grpo) {f_ours / 1e9:.1f} GFLOP "
+                  f"({f_ours / f_trl:.2f}x)")
         print("ours / TRL, loss=grpo, step by step: " + ", ".join(f"{x:.2f}" for x in ratios))
         print(f"ours / TRL step time: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max "
               f"{max(ratios):.2f}); peak memory {mem_ratio:.2f}x")

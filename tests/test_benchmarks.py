@@ -24,14 +24,27 @@ def test_step_time_against_trl_on_the_tiny_model():
     assert "ours / TRL, loss=grpo, step by step: " in out and "peak memory" in out
     assert len(out.split("step by step: ")[1].splitlines()[0].split(", ")) == 2  # one ratio per timed step
     assert len(out.split("steps (s)")[1].splitlines()[0].split(", ")) == 2  # one time per timed step
+    # FLOPs, counted in one more step: every compute phase has a count and a rate, and the backward costs more
+    # than the forward (about twice for matrix products; less here, where the prompts' share is large: the last of
+    # the tiny model's 2 layers computes nothing from the prompt tokens that the loss reads)
+    assert "(+ 1 counted step)" in out and "matmul baseline: " in out and "counted FLOPs per step: TRL " in out
+    for block in out.split("\nloss=")[1:3]:  # loss=grpo, loss=full
+        gflop = {line.split()[0]: float(line.split("%")[1].split("GFLOP")[0])
+                 for line in block.splitlines() if "GFLOP/s (" in line}
+        assert {"generation", "policy_forward", "backward"} <= set(gflop), block
+        assert 1.3 < gflop["backward"] / gflop["policy_forward"] < 2.6, block
+        assert "    counted: " in block and "at the baseline rate: " in block
+    full = out.split("loss=full: step")[1]  # the OT term's reference forward, counted too
+    assert any(line.startswith("    reference") and "GFLOP/s" in line for line in full.splitlines())
 
 
 def test_step_time_of_the_cheaper_sami_settings_in_rounds():
     """Also with every other layer checkpointed (ours only: a like-for-like TRL run has no such setting)."""
     out = _run("--model", "tiny:llama", "--configs", "grpo,full_stopgrad,full_encoder", "--steps", "1", "--warmup",
                "0", "--max-new-tokens", "8", "--prompts", "2", "--no-trl", "--rounds", "2", "--gradient-checkpointing",
-               "--checkpoint-every", "2")
+               "--checkpoint-every", "2", "--no-flops")
     assert "gradient checkpointing on (every 2 layers)" in out
+    assert "GFLOP" not in out and "counted step" not in out
     for label in ("loss=full sami.negatives_grad=false: step", "loss=full sami.critic=encoder: step"):
         assert label in out, label
     assert "TRL" not in out and "1 timed steps per process, 2 rounds" in out
@@ -78,3 +91,50 @@ def test_step_time_on_a_real_architecture_at_random_init():
     out = _run("--model-shape", "qwen2.5-0.5b", "--configs", "grpo", "--steps", "1", "--warmup", "0",
                "--max-new-tokens", "4", "--prompts", "1", "--G", "2", timeout=1800)
     assert "model qwen2.5-0.5b" in out and "ours / TRL step time" in out
+
+
+def _step_time_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return step_time
+
+
+def test_flop_counter_counts_matrix_products_and_cpu_attention():
+    """The counts the FLOP figures rest on: a linear layer is 2 M K N forward and twice that backward; CPU attention
+    (which torch's own counter does not know) is 4 B H Lq Lk D forward and 2.5 times that backward."""
+    import torch
+
+    step_time = _step_time_module()
+    lin = torch.nn.Linear(32, 48, bias=False)
+    x = torch.randn(5, 32, requires_grad=True)
+    with step_time.flop_counter() as c:
+        lin(x).sum().backward()
+    assert c.get_total_flops() == 3 * 2 * 5 * 32 * 48
+    b, h, lq, lk, d = 2, 3, 7, 11, 16
+    q = torch.randn(b, h, lq, d, requires_grad=True)
+    k, v = (torch.randn(b, h, lk, d, requires_grad=True) for _ in range(2))
+    mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+    with step_time.flop_counter() as c:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert c.get_total_flops() == 4 * b * h * lq * lk * d
+    with step_time.flop_counter() as c:
+        out.sum().backward()
+    assert c.get_total_flops() == 10 * b * h * lq * lk * d
+
+
+def test_step_at_the_baseline_rate():
+    """Only the compute-bound phases are re-timed, and none becomes slower than measured."""
+    step_time = _step_time_module()
+    times = {"generation": 10.0, "reference": 2.0, "policy_forward": 3.0, "backward": 6.0, "optimizer": 1.0}
+    flops = {"generation": 1e12, "reference": 1e11, "policy_forward": 2e11, "backward": 8e11}
+    # at 100 GFLOP/s: reference 1 s (from 2), policy forward 2 s (from 3), backward stays 6 s (8 s at that rate)
+    assert step_time.step_at_rate(22.0, times, flops, 100.0) == pytest.approx(20.0)
+    assert step_time.step_at_rate(22.0, times, {}, 100.0) == 22.0
+    # rounds: every timed step pooled, the first round's count kept
+    runs = [{"steps": [{"step": t}], "flops": {"step": f}, "peak_memory_gib": m} for t, f, m in ((1.0, 5.0, 2.0),
+                                                                                              (3.0, 6.0, 1.0))]
+    merged = step_time._merge(step_time._merge(None, runs[0]), runs[1])
+    assert merged["flops"] == {"step": 5.0} and merged["round_means"] == [1.0, 3.0] and merged["peak_memory_gib"] == 2.0
