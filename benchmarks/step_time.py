@@ -10,16 +10,17 @@ Every measurement runs in its own process (peak RSS is then its own). For each c
 ``full_encoder`` = ``full`` with ``sami.critic=encoder``) it runs ``--warmup`` untimed steps and ``--steps`` timed
 ones and prints, per phase (generation, reward scoring, reference forward, policy forward with SAMI's re-scoring,
 each loss term, backward, optimiser), the mean wall time and share of the step, completion tokens per second, and
-peak memory (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and each timed step's time. ``--trl``
-(default on) also runs TRL's GRPOTrainer (``pip install 'enigma-lightning[bench]'``) on the same weights, prompts
-(rendered by our template, fed to TRL as plain text), reward functions, G, completion length, sampling settings,
-loss type and importance-sampling level, and prints the ratio of our ``loss=grpo`` step time to TRL's, step by
-step, with its spread.
+peak memory over the warm-up and timed steps (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and each
+timed step's time. ``--trl`` (default on) also runs TRL's GRPOTrainer (``pip install 'enigma-lightning[bench]'``)
+on the same weights, prompts (rendered by our template, fed to TRL as plain text), reward functions, G, completion
+length, sampling settings, loss type and importance-sampling level, and prints the ratio of our ``loss=grpo`` step
+time to TRL's, step by step, with its spread.
 
 ``--flops`` (default on) runs one more step in each process, untimed, under torch's FLOP counter (matrix products
 and attention), and prints each phase's FLOPs and achieved rate against the fastest square matrix product measured
 on the device in the same run, the step time the compute-bound phases (reference forward, policy forward,
-backward) would allow at that rate, and the FLOPs of a TRL step against ours.
+backward) would allow at that rate, and the FLOPs of a TRL step against ours. Peak memory is read before that
+step.
 
 Rollouts are fixed-length by default (``--fixed-length``: EOS suppressed until ``--max-new-tokens``) so both
 frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS. Activation
@@ -159,7 +160,7 @@ def run_ours(args) -> dict:
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     total = args.warmup + args.steps + args.flops
     rows = _prompts(args.prompts * total, instantiate(cfg.prompt), module.tokenizer, module.principles.text)
-    steps, flops = [], None
+    steps, flops, peak = [], None, None
     for i in range(total):
         batch = rows[i * args.prompts : (i + 1) * args.prompts]
         batch = {"source": [r["source"] for r in batch], "target": [r["target"] for r in batch]}
@@ -167,6 +168,8 @@ def run_ours(args) -> dict:
         # --flops: one more step, untimed, under a FLOP counter. The module reads its phase clock (``_clock``)
         # at each phase's start and end, so a clock that reads the counter gives each phase's FLOPs instead.
         counted = args.flops and i == total - 1
+        if counted:
+            peak = _peak_memory(args.device)  # the timed steps' peak, before the counter's bookkeeping
         counter = flop_counter() if counted else nullcontext()
         with counter:
             now = (lambda c=counter: float(c.get_total_flops())) if counted else time.perf_counter
@@ -191,7 +194,8 @@ def run_ours(args) -> dict:
             flops = {"step": t3 - t0, "phases": phases}
         elif i >= args.warmup:
             steps.append({"step": t3 - t0, "phases": phases, "tokens": int(module.last_completion_tokens)})
-    return {"steps": steps, "flops": flops, "peak_memory_gib": _peak_memory(args.device)}
+    peak = peak if peak is not None else _peak_memory(args.device)
+    return {"steps": steps, "flops": flops, "peak_memory_gib": peak}
 
 
 def run_trl(args) -> dict:
@@ -227,6 +231,7 @@ def run_trl(args) -> dict:
 
     times: list[float] = []
     flops: dict = {}
+    peak: list[float] = []  # the timed steps' peak, read before the counted step
 
     class Timer(TrainerCallback):
         """Times each step; with --flops the last step is untimed and counted."""
@@ -234,6 +239,7 @@ def run_trl(args) -> dict:
         def on_step_begin(self, a, state, control, **kw):
             _sync(args.device)
             if args.flops and state.global_step == total - 1:
+                peak.append(_peak_memory(args.device))
                 self.counter = flop_counter()
                 self.counter.__enter__()
             self.t0 = time.perf_counter()
@@ -259,7 +265,8 @@ def run_trl(args) -> dict:
                           train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Timer()])
     trainer.train()
     steps = [{"step": t, "phases": {}, "tokens": None} for t in times[args.warmup :]]
-    return {"steps": steps, "flops": flops or None, "peak_memory_gib": _peak_memory(args.device)}
+    peak_gib = peak[0] if peak else _peak_memory(args.device)
+    return {"steps": steps, "flops": flops or None, "peak_memory_gib": peak_gib}
 
 
 def worker(args) -> None:
