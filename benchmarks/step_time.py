@@ -231,22 +231,24 @@ def run_trl(args) -> dict:
 
     times: list[float] = []
     flops: dict = {}
-    peak: list[float] = []  # the timed steps' peak, read before the counted step
 
     class Timer(TrainerCallback):
         """Times each step; with --flops the last step is untimed and counted."""
 
+        counter = None
+        peak = None  # the timed steps' peak memory, read before the counted step
+
         def on_step_begin(self, a, state, control, **kw):
             _sync(args.device)
             if args.flops and state.global_step == total - 1:
-                peak.append(_peak_memory(args.device))
+                self.peak = _peak_memory(args.device)
                 self.counter = flop_counter()
                 self.counter.__enter__()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             _sync(args.device)
-            if getattr(self, "counter", None) is not None:
+            if self.counter is not None:
                 self.counter.__exit__(None, None, None)
                 flops["step"], self.counter = float(self.counter.get_total_flops()), None
             else:
@@ -262,11 +264,11 @@ def run_trl(args) -> dict:
         generation_kwargs={"min_new_tokens": args.max_new_tokens} if args.fixed_length else None,
         dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=[format_reward, correctness_reward], args=config,
-                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Timer()])
+                          train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer := Timer()])
     trainer.train()
     steps = [{"step": t, "phases": {}, "tokens": None} for t in times[args.warmup :]]
-    peak_gib = peak[0] if peak else _peak_memory(args.device)
-    return {"steps": steps, "flops": flops or None, "peak_memory_gib": peak_gib}
+    peak = timer.peak if timer.peak is not None else _peak_memory(args.device)
+    return {"steps": steps, "flops": flops or None, "peak_memory_gib": peak}
 
 
 def worker(args) -> None:

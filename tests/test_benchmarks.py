@@ -9,6 +9,15 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "step_time.py"
 
 
+def _step_time_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return step_time
+
+
 def _run(*args, timeout=900):
     r = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
@@ -77,12 +86,7 @@ def test_prompt_sharing_benchmark_on_the_tiny_model(checkpointing):
 
 def test_bandwidth_bound_of_decoding():
     """The GPU report's arithmetic: 0.5B bf16 weights (1 GB) at 3350 GB/s bound 8 rows to 26,800 tokens/s."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from step_time import bandwidth_share
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    bound, share = bandwidth_share(2680.0, 10**9, 8, 3350.0)
+    bound, share = _step_time_module().bandwidth_share(2680.0, 10**9, 8, 3350.0)
     assert bound == pytest.approx(26800.0) and share == pytest.approx(0.1)
 
 
@@ -91,15 +95,6 @@ def test_step_time_on_a_real_architecture_at_random_init():
     out = _run("--model-shape", "qwen2.5-0.5b", "--configs", "grpo", "--steps", "1", "--warmup", "0",
                "--max-new-tokens", "4", "--prompts", "1", "--G", "2", timeout=1800)
     assert "model qwen2.5-0.5b" in out and "ours / TRL step time" in out
-
-
-def _step_time_module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import step_time
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return step_time
 
 
 def test_flop_counter_counts_matrix_products_and_cpu_attention():
