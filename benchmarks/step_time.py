@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                                   # CPU, embedded SmolLM2, G=4, 96 tokens
     python benchmarks/step_time.py --configs grpo,full --steps 5 --warmup 1
+    python benchmarks/step_time.py --configs grpo,full --steps 6 --interleave --no-trl  # paired, one process
     python benchmarks/step_time.py --device cuda --dtype bfloat16 --model-shape qwen2.5-0.5b --G 8 \
         --max-new-tokens 256 --prompts 4                             # GPU: a real 0.5B architecture, random weights
 
@@ -21,6 +22,11 @@ and attention), and prints each phase's FLOPs and achieved rate against the fast
 on the device in the same run, the step time the compute-bound phases (reference forward, policy forward,
 backward) would allow at that rate, and the FLOPs of a TRL step against ours. Peak memory is read before that
 step.
+
+``--interleave`` runs our configurations in one process instead, their steps in turn (step k of each, in an order
+reversed every other step), and prints each step's ratio to ``loss=grpo``'s step k with the median and spread: a
+ratio that drift in the machine's speed does not bias. Peak memory is then the process's, of every configuration
+together, and is not reported.
 
 Rollouts are fixed-length by default (``--fixed-length``: EOS suppressed until ``--max-new-tokens``) so both
 frameworks do exactly the same amount of work; ``--no-fixed-length`` lets completions end at EOS. Activation
@@ -126,7 +132,8 @@ def _prompts(n: int, template, tok, principles: str) -> list[dict]:
             for r in rows]
 
 
-def run_ours(args) -> dict:
+def build_ours(args, config: str):
+    """(module, optimiser, batches) for one configuration: every configuration gets the same prompts step by step."""
     import torch
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
@@ -134,7 +141,7 @@ def run_ours(args) -> dict:
     from enigma_lightning import allocator
     from enigma_lightning.train import build_module
 
-    loss = CONFIGS[args.config]
+    loss = CONFIGS[config]
     overrides = [f"paths.output_dir={tempfile.mkdtemp()}", "model=hf", f"model.name_or_path={args.model_dir}",
                  f"model.dtype={args.dtype}", f"loss={loss}", f"grpo.num_generations={args.G}",
                  f"data.batch_size={args.prompts * args.G}", f"rollout.max_new_tokens={args.max_new_tokens}",
@@ -144,7 +151,7 @@ def run_ours(args) -> dict:
                  f"model.gradient_checkpointing={args.gradient_checkpointing}",
                  f"model.checkpoint_every_n_layers={args.checkpoint_every}", f"cpu_malloc={args.cpu_malloc}",
                  f"rollout.reserve_cache={args.reserve_cache}"]
-    overrides += EXTRA.get(args.config, [])
+    overrides += EXTRA.get(config, [])
     if "sami" in loss or loss == "full":
         overrides.append(f"sami.num_variants={min(2, args.G)}")
     else:
@@ -160,42 +167,80 @@ def run_ours(args) -> dict:
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     total = args.warmup + args.steps + args.flops
     rows = _prompts(args.prompts * total, instantiate(cfg.prompt), module.tokenizer, module.principles.text)
+    batches = [{"source": [r["source"] for r in rows[i * args.prompts : (i + 1) * args.prompts]],
+                "target": [r["target"] for r in rows[i * args.prompts : (i + 1) * args.prompts]]} for i in range(total)]
+    return module, opt, batches
+
+
+def ours_step(args, module, opt, batch: dict, i: int, counted: bool = False) -> dict:
+    """One training step (rollout, forwards, loss terms, backward, optimiser): its time and phases, or with
+    ``counted`` its FLOPs in their place. The module reads its phase clock (``_clock``) at each phase's start and
+    end, so a clock that reads the FLOP counter gives each phase's FLOPs instead of its time."""
+    import torch
+
+    module._buffer = None
+    counter = flop_counter() if counted else nullcontext()
+    with counter:
+        now = (lambda c=counter: float(c.get_total_flops())) if counted else time.perf_counter
+        if counted:
+            module._clock = now
+        _sync(args.device)
+        t0 = now()
+        loss_value = module.training_step(batch, i)
+        _sync(args.device)
+        t1 = now()
+        loss_value.backward()
+        _sync(args.device)
+        t2 = now()
+        torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(args.device)
+        t3 = now()
+    if counted:
+        del module._clock
+    return {"step": t3 - t0, "phases": dict(module.last_timings, backward=t2 - t1, optimizer=t3 - t2),
+            "tokens": int(module.last_completion_tokens)}
+
+
+def run_ours(args) -> dict:
+    """One configuration in this process: warm-up, timed steps, and with --flops one more step under the counter."""
+    module, opt, batches = build_ours(args, args.config)
     steps, flops, peak = [], None, None
-    for i in range(total):
-        batch = rows[i * args.prompts : (i + 1) * args.prompts]
-        batch = {"source": [r["source"] for r in batch], "target": [r["target"] for r in batch]}
-        module._buffer = None
-        # --flops: one more step, untimed, under a FLOP counter. The module reads its phase clock (``_clock``)
-        # at each phase's start and end, so a clock that reads the counter gives each phase's FLOPs instead.
-        counted = args.flops and i == total - 1
+    for i, batch in enumerate(batches):
+        counted = args.flops and i == len(batches) - 1
         if counted:
             peak = _peak_memory(args.device)  # the timed steps' peak, before the counter's bookkeeping
-        counter = flop_counter() if counted else nullcontext()
-        with counter:
-            now = (lambda c=counter: float(c.get_total_flops())) if counted else time.perf_counter
-            if counted:
-                module._clock = now
-            _sync(args.device)
-            t0 = now()
-            loss_value = module.training_step(batch, i)
-            _sync(args.device)
-            t1 = now()
-            loss_value.backward()
-            _sync(args.device)
-            t2 = now()
-            torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(args.device)
-            t3 = now()
-        phases = dict(module.last_timings, backward=t2 - t1, optimizer=t3 - t2)
+        step = ours_step(args, module, opt, batch, i, counted)
         if counted:
-            del module._clock
-            flops = {"step": t3 - t0, "phases": phases}
+            flops = {"step": step["step"], "phases": step["phases"]}
         elif i >= args.warmup:
-            steps.append({"step": t3 - t0, "phases": phases, "tokens": int(module.last_completion_tokens)})
+            steps.append(step)
     peak = peak if peak is not None else _peak_memory(args.device)
     return {"steps": steps, "flops": flops, "peak_memory_gib": peak}
+
+
+def run_interleaved(args) -> dict[str, dict]:
+    """``--interleave``: every configuration in this one process, their steps taken in turn (step k of each
+    configuration one after the other, the order reversed every other k), so a drift in the machine's speed reaches
+    them alike and step k of a configuration pairs with step k of ``loss=grpo``. Peak memory is the process's, of
+    all the configurations together, so it is not reported per configuration."""
+    configs = args.config.split(",")
+    built = {c: build_ours(args, c) for c in configs}
+    out = {c: {"steps": [], "flops": None, "peak_memory_gib": None} for c in configs}
+    total = args.warmup + args.steps
+    for i in range(total):
+        for c in (configs if i % 2 == 0 else configs[::-1]):
+            module, opt, batches = built[c]
+            step = ours_step(args, module, opt, batches[i], i)
+            if i >= args.warmup:
+                out[c]["steps"].append(step)
+    if args.flops:
+        for c in configs:
+            module, opt, batches = built[c]
+            step = ours_step(args, module, opt, batches[total], total, counted=True)
+            out[c]["flops"] = {"step": step["step"], "phases": step["phases"]}
+    return out
 
 
 def run_trl(args) -> dict:
@@ -273,7 +318,8 @@ def run_trl(args) -> dict:
 
 def worker(args) -> None:
     args.model_dir = materialise_model(args)
-    result = run_trl(args) if args.framework == "trl" else run_ours(args)
+    run = {"trl": run_trl, "interleaved": run_interleaved}.get(args.framework, run_ours)
+    result = run(args)
     print("RESULT " + json.dumps(result))
 
 
@@ -301,8 +347,9 @@ def _merge(acc: dict | None, run: dict) -> dict:
     run = {**run, "round_means": [statistics.mean(s["step"] for s in run["steps"])]}
     if acc is None:
         return run
+    peaks = [x for x in (acc["peak_memory_gib"], run["peak_memory_gib"]) if x is not None]  # None: --interleave
     return {"steps": acc["steps"] + run["steps"], "round_means": acc["round_means"] + run["round_means"],
-            "peak_memory_gib": max(acc["peak_memory_gib"], run["peak_memory_gib"]),
+            "peak_memory_gib": max(peaks) if peaks else None,
             "flops": acc.get("flops") or run.get("flops")}
 
 
@@ -383,6 +430,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1,
                    help="run every configuration's process this many times in turn (steps pooled; ratios by round)")
+    p.add_argument("--interleave", action="store_true",
+                   help="our configurations in one process, their steps in turn, each step's ratio to loss=grpo's "
+                        "(no peak memory per configuration)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fixed-length", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -426,14 +476,18 @@ def main() -> None:
              if args.device == "cpu" else "")
           + f"; {args.warmup} warm-up + {args.steps} timed steps"
           + (" (+ 1 counted step)" if args.flops else "")
-          + (f" per process, {args.rounds} rounds\n" if args.rounds > 1 else "\n"))
-    # Round after round, each configuration (then TRL) runs in a fresh process: drift in the machine's speed
-    # reaches every configuration alike, and each round gives its own ratio.
+          + (f" per process, {args.rounds} rounds" if args.rounds > 1 else "")
+          + ("; our configurations in one process, steps in turn\n" if args.interleave else "\n"))
+    # Round after round, each configuration (then TRL) runs in a fresh process (with --interleave, all of ours in
+    # one, step by step in turn): drift in the machine's speed reaches every configuration alike, and each round
+    # gives its own ratio.
     results: dict[str, dict] = {}
     trl = None
     for _ in range(args.rounds):
+        runs = _spawn(args, "interleaved", ",".join(configs)) if args.interleave else \
+            {c: _spawn(args, "ours", c) for c in configs}
         for c in configs:
-            results[c] = _merge(results.get(c), _spawn(args, "ours", c))
+            results[c] = _merge(results.get(c), runs[c])
         if args.trl:
             trl = _merge(trl, _spawn(args, "trl", "grpo"))
     base = statistics.mean(s["step"] for s in results["grpo"]["steps"]) if "grpo" in results else None
@@ -454,11 +508,16 @@ def main() -> None:
         label = " ".join([f"loss={CONFIGS[c]}", *EXTRA.get(c, [])])
         by_round = [a / b for a, b in zip(r["round_means"], results["grpo"]["round_means"], strict=True)] \
             if base and c != "grpo" and args.rounds > 1 else []
+        peak = "n/a (--interleave)" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f} GiB"
         print(f"{label}: step {mean_step:.2f} s (sd {statistics.pstdev(s['step'] for s in r['steps']):.2f})"
-              f", {tokens / mean_step:.1f} completion tok/s, peak memory {r['peak_memory_gib']:.2f} GiB"
+              f", {tokens / mean_step:.1f} completion tok/s, peak memory {peak}"
               + (f", {mean_step / base:.2f}x loss=grpo" if base and c != "grpo" else "")
               + (" (by round: " + ", ".join(f"{x:.2f}" for x in by_round) + ")" if by_round else ""))
         print("    steps (s)       " + ", ".join(f"{s['step']:.2f}" for s in r["steps"]))
+        if args.interleave and base and c != "grpo":  # step k here ran next to loss=grpo's step k
+            paired = [a["step"] / b["step"] for a, b in zip(r["steps"], results["grpo"]["steps"], strict=True)]
+            print("    / loss=grpo     " + ", ".join(f"{x:.2f}" for x in paired) + f"  (median "
+                  f"{statistics.median(paired):.2f}x, min {min(paired):.2f}, max {max(paired):.2f})")
         counted = r["flops"]["phases"] if r.get("flops") else {}
         for ph, t in mean_phases(r).items():
             f = counted.get(ph, 0.0)
@@ -477,7 +536,8 @@ def main() -> None:
         ours = [s["step"] for s in results["grpo"]["steps"]]
         theirs = [s["step"] for s in trl["steps"]]
         ratios = [a / b for a, b in zip(ours, theirs, strict=False)]
-        mem_ratio = results["grpo"]["peak_memory_gib"] / trl["peak_memory_gib"]
+        ours_peak = results["grpo"]["peak_memory_gib"]
+        mem = "n/a (--interleave)" if ours_peak is None else f"{ours_peak / trl['peak_memory_gib']:.2f}x"
         print(f"TRL GRPOTrainer: step {statistics.mean(theirs):.2f} s (sd {statistics.pstdev(theirs):.2f}), "
               f"peak memory {trl['peak_memory_gib']:.2f} GiB")
         if trl.get("flops") and results["grpo"].get("flops"):
@@ -486,7 +546,7 @@ def main() -> None:
                   f"({f_ours / f_trl:.2f}x)")
         print("ours / TRL, loss=grpo, step by step: " + ", ".join(f"{x:.2f}" for x in ratios))
         print(f"ours / TRL step time: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max "
-              f"{max(ratios):.2f}); peak memory {mem_ratio:.2f}x")
+              f"{max(ratios):.2f}); peak memory {mem}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,41 @@ def test_step_time_of_the_cheaper_sami_settings_in_rounds():
     assert all(len(x.split(")")[0].split(", ")) == 2 for x in out.split("(by round: ")[1:])
 
 
+def test_step_time_interleaved_pairs_each_step_with_loss_grpo():
+    out = _run("--model", "tiny:llama", "--configs", "grpo,full", "--steps", "3", "--warmup", "0",
+               "--max-new-tokens", "8", "--prompts", "2", "--no-trl", "--no-flops", "--interleave")
+    assert "; our configurations in one process, steps in turn" in out
+    assert out.count("peak memory n/a (--interleave)") == 2
+    full = out.split("loss=full: step")[1]
+    steps = [float(x) for x in full.split("steps (s)")[1].splitlines()[0].split(", ")]
+    paired = full.split("/ loss=grpo")[1].splitlines()[0]
+    assert len(steps) == 3 and len(paired.split("(median")[0].split(", ")) == 3
+    assert "/ loss=grpo" not in out.split("loss=full: step")[0]  # no ratio of loss=grpo to itself
+
+
+def test_interleaved_steps_take_turns(monkeypatch):
+    """Step k of every configuration runs before step k + 1 of any, in an order reversed every other step; the
+    counted steps come last; warm-up steps are run but not kept."""
+    import argparse
+
+    step_time = _step_time_module()
+    calls = []
+    monkeypatch.setattr(step_time, "build_ours", lambda args, c: (c, None, list(range(args.warmup + args.steps + 1))))
+    monkeypatch.setattr(step_time, "ours_step", lambda args, module, opt, batch, i, counted=False: (
+        calls.append((module, batch, counted)) or {"step": float(len(calls)), "phases": {}, "tokens": 1}))
+    args = argparse.Namespace(config="grpo,full,full_stopgrad", warmup=1, steps=2, flops=True)
+    out = step_time.run_interleaved(args)
+    order = [c for c, _, _ in calls]
+    assert order == ["grpo", "full", "full_stopgrad", "full_stopgrad", "full", "grpo",
+                     "grpo", "full", "full_stopgrad", "grpo", "full", "full_stopgrad"]
+    assert [b for _, b, _ in calls] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert [k for _, _, k in calls] == [False] * 9 + [True] * 3
+    assert [s["step"] for s in out["full"]["steps"]] == [5.0, 8.0]  # steps 1 and 2; step 0 was the warm-up
+    assert out["grpo"]["flops"]["step"] == 10.0 and out["full"]["peak_memory_gib"] is None
+    merged = step_time._merge(step_time._merge(None, out["full"]), out["full"])  # --rounds: no peak to take
+    assert merged["peak_memory_gib"] is None and merged["round_means"] == [6.5, 6.5]
+
+
 def test_step_time_refuses_partial_checkpointing_against_trl():
     r = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny:llama", "--gradient-checkpointing",
                         "--checkpoint-every", "2"], capture_output=True, text=True, timeout=120)
