@@ -167,8 +167,8 @@ def build_ours(args, config: str):
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     total = args.warmup + args.steps + args.flops
     rows = _prompts(args.prompts * total, instantiate(cfg.prompt), module.tokenizer, module.principles.text)
-    batches = [{"source": [r["source"] for r in rows[i * args.prompts : (i + 1) * args.prompts]],
-                "target": [r["target"] for r in rows[i * args.prompts : (i + 1) * args.prompts]]} for i in range(total)]
+    chunks = (rows[i * args.prompts : (i + 1) * args.prompts] for i in range(total))
+    batches = [{"source": [r["source"] for r in c], "target": [r["target"] for r in c]} for c in chunks]
     return module, opt, batches
 
 
@@ -213,7 +213,7 @@ def run_ours(args) -> dict:
             peak = _peak_memory(args.device)  # the timed steps' peak, before the counter's bookkeeping
         step = ours_step(args, module, opt, batch, i, counted)
         if counted:
-            flops = {"step": step["step"], "phases": step["phases"]}
+            flops = step  # FLOPs in place of seconds
         elif i >= args.warmup:
             steps.append(step)
     peak = peak if peak is not None else _peak_memory(args.device)
@@ -238,8 +238,7 @@ def run_interleaved(args) -> dict[str, dict]:
     if args.flops:
         for c in configs:
             module, opt, batches = built[c]
-            step = ours_step(args, module, opt, batches[total], total, counted=True)
-            out[c]["flops"] = {"step": step["step"], "phases": step["phases"]}
+            out[c]["flops"] = ours_step(args, module, opt, batches[total], total, counted=True)
     return out
 
 
