@@ -5,6 +5,8 @@
     python benchmarks/step_time.py --configs grpo,full --steps 6 --interleave --no-trl  # paired, one process
     python benchmarks/step_time.py --device cuda --dtype bfloat16 --model-shape qwen2.5-0.5b --G 8 \
         --max-new-tokens 256 --prompts 4                             # GPU: a real 0.5B architecture, random weights
+    python benchmarks/step_time.py --model-shape qwen2.5-0.5b --tokenizer Qwen/Qwen2.5-0.5B-Instruct \
+        --encoder sentence-transformers/all-MiniLM-L6-v2 ...         # other tokenizer / principle encoder
 
 Every measurement runs in its own process (peak RSS is then its own). For each configuration (``grpo``,
 ``grpo+sami``, ``grpo+ot``, ``full``, ``full_stopgrad`` = ``full`` with ``sami.negatives_grad=false``, and
@@ -16,6 +18,11 @@ timed step's time. ``--trl`` (default on) also runs TRL's GRPOTrainer (``pip ins
 on the same weights, prompts (rendered by our template, fed to TRL as plain text), reward functions, G, completion
 length, sampling settings, loss type and importance-sampling level, and prints the ratio of our ``loss=grpo`` step
 time to TRL's, step by step, with its spread.
+
+``--model-shape`` builds a real architecture at random initialisation (no hub needed) and saves it with
+``--tokenizer`` (default: the embedded SmolLM2's chat tokenizer, whose 49k tokens fit any of the shapes' vocabularies).
+``--encoder`` replaces our principle encoder where a configuration loads one; ``--override KEY=VALUE`` (repeatable)
+passes any Hydra override to all our configurations.
 
 ``--flops`` (default on) runs one more step in each process, untimed, under torch's FLOP counter (matrix products
 and attention), and prints each phase's FLOPs and achieved rate against the fastest square matrix product measured
@@ -38,6 +45,7 @@ with ``--no-trl``). Phase times wait for the device (``sync_timings``) on GPU.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import statistics
@@ -67,23 +75,53 @@ TRAINING_PHASES = ("reference", "policy_forward", "backward")  # the compute-bou
 
 
 def flop_counter():
-    """torch's ``FlopCounterMode`` (matrix products and attention; elementwise work is not counted), taught the CPU
-    attention kernels it lacks: on CPU ``scaled_dot_product_attention`` runs ``_scaled_dot_product_flash_attention_
-    for_cpu``, counted like the GPU kernels (every query against every key, the masked ones included, as it runs)."""
+    """torch's ``FlopCounterMode`` (matrix products and attention; elementwise work is not counted), taught two things
+    about attention it lacks: the CPU kernels (on CPU ``scaled_dot_product_attention`` runs ``_scaled_dot_product_
+    flash_attention_for_cpu``, counted like the GPU kernels: every query against every key, the masked ones included,
+    as it runs), and grouped-query attention (with ``enable_gqa`` the GPU kernels get fewer key/value heads than
+    query heads, which torch's formula refuses; each query head is counted against its shared key/value head). Matrix
+    products with an ``out_dtype`` (bf16 operands accumulated in float32, as TRL's chunked log-probs do on GPU) are
+    counted too: torch's formulas take that dtype for their output's shape."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    from torch.utils.flop_counter import (
+        FlopCounterMode,
+        bmm_flop,
+        mm_flop,
+        sdpa_backward_flop_count,
+        sdpa_flop_count,
+    )
 
     aten = torch.ops.aten
 
+    def heads(query, *kv):  # [B, H, L, E] shapes: key/value heads widened to the query's
+        return [(s[0], query[1], *s[2:]) for s in kv]
+
     def forward(query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query, key, value)
+        return sdpa_flop_count(query, *heads(query, key, value))
 
     def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_backward_flop_count(grad_out, query, key, value)
+        return sdpa_backward_flop_count(grad_out, query, *heads(query, key, value))
 
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: forward,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+    def mm(a, b, *args, out_shape=None, **kwargs):  # also the ``out_dtype`` overloads, which torch's formulas refuse
+        return mm_flop(a, b)
+
+    def bmm(a, b, *args, out_shape=None, **kwargs):
+        return bmm_flop(a, b)
+
+    def addmm(bias, a, b, *args, out_shape=None, **kwargs):
+        return mm_flop(a, b)
+
+    def baddbmm(bias, a, b, *args, out_shape=None, **kwargs):
+        return bmm_flop(a, b)
+
+    mapping = {aten.mm: mm, aten.bmm: bmm, aten.addmm: addmm, aten.baddbmm: baddbmm}
+    kernels = ["_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"]
+    for name in kernels:
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = forward
+            mapping[getattr(aten, name + "_backward")] = backward
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _peak_memory(device: str) -> float:
@@ -111,16 +149,21 @@ def materialise_model(args) -> str:
 
     from enigma_lightning.models import ModelSpec
 
-    out = Path(tempfile.gettempdir()) / f"enigma-bench-{args.model_shape}"
+    tokenizer = args.tokenizer or ModelSpec(name_or_path="embedded:smollm2-135m-instruct").resolved_path()
+    tag = "" if args.tokenizer is None else "-" + hashlib.sha1(args.tokenizer.encode()).hexdigest()[:8]
+    out = Path(tempfile.gettempdir()) / f"enigma-bench-{args.model_shape}{tag}"
     if not (out / "config.json").exists():
         shape = dict(SHAPES[args.model_shape])
         config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        if len(tok) > config.vocab_size:
+            raise SystemExit(f"--tokenizer {tokenizer}: {len(tok)} tokens do not fit the {config.vocab_size}-token "
+                             f"vocabulary of --model-shape {args.model_shape}; pass a tokenizer of at most that size")
         import torch
 
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(out)
-        AutoTokenizer.from_pretrained(ModelSpec(name_or_path="embedded:smollm2-135m-instruct").resolved_path()) \
-            .save_pretrained(out)  # a chat tokenizer; its vocabulary fits inside the model's
+        tok.save_pretrained(out)  # a chat tokenizer (default: the embedded SmolLM2's, 49k tokens)
     return str(out)
 
 
@@ -154,8 +197,11 @@ def build_ours(args, config: str):
     overrides += EXTRA.get(config, [])
     if "sami" in loss or loss == "full":
         overrides.append(f"sami.num_variants={min(2, args.G)}")
+        if args.encoder:
+            overrides.append(f"encoder.name_or_path={args.encoder}")
     else:
         overrides.append("encoder=none")  # nothing reads it; TRL loads no encoder either
+    overrides += args.override  # the user's, last: they win
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     if args.device == "cpu":  # as training does (enigma_lightning.allocator); TRL's: --trl-cpu-malloc
@@ -324,8 +370,10 @@ def worker(args) -> None:
 
 def _spawn(args, framework: str, config: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--config", config]
-    for k in ("model", "model_shape", "device", "dtype", "G", "prompts", "max_new_tokens", "temperature", "steps",
-              "warmup", "loss_type", "seed", "cpu_malloc", "trl_cpu_malloc", "checkpoint_every"):
+    for o in args.override:
+        cmd += ["--override", o]
+    for k in ("model", "model_shape", "tokenizer", "encoder", "device", "dtype", "G", "prompts", "max_new_tokens", "temperature",
+              "steps", "warmup", "loss_type", "seed", "cpu_malloc", "trl_cpu_malloc", "checkpoint_every"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -418,6 +466,14 @@ def main() -> None:
     p.add_argument("--configs", default="grpo,grpo+sami,grpo+ot,full")
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder, embedded:..., tiny:llama")
     p.add_argument("--model-shape", default=None, choices=sorted(SHAPES), help="a real architecture, random weights")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --model-shape: the tokenizer saved beside the random weights (hub id or folder; "
+                        "default: the embedded SmolLM2's chat tokenizer)")
+    p.add_argument("--encoder", default=None,
+                   help="our principle encoder where a configuration loads one (hub id, folder, embedded:...; "
+                        "default: the preset's, the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for our configurations (repeatable), e.g. encoder.name_or_path=DIR")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--G", type=int, default=4)
@@ -461,6 +517,8 @@ def main() -> None:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
+    if args.tokenizer and not args.model_shape:
+        raise SystemExit("--tokenizer goes with --model-shape (a model from --model brings its own tokenizer)")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1; got {args.rounds}")
     if args.checkpoint_every != 1 and not (args.gradient_checkpointing and not args.trl):

@@ -168,3 +168,71 @@ def test_step_at_the_baseline_rate():
                                                                                               (3.0, 6.0, 1.0))]
     merged = step_time._merge(step_time._merge(None, runs[0]), runs[1])
     assert merged["flops"] == {"step": 5.0} and merged["round_means"] == [1.0, 3.0] and merged["peak_memory_gib"] == 2.0
+
+
+def test_flop_counter_counts_grouped_query_attention_per_query_head():
+    """With ``enable_gqa`` the GPU kernels get 2 key/value heads for 8 query heads: counted as 8 heads, not refused."""
+    import torch
+
+    step_time = _step_time_module()
+    registry = step_time.flop_counter().flop_registry
+    b, hq, hkv, lq, lk, d = 2, 8, 2, 5, 7, 16
+    q, g = torch.empty(b, hq, lq, d, device="meta"), torch.empty(b, hq, lq, d, device="meta")
+    kv = torch.empty(b, hkv, lk, d, device="meta")
+    for name in ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        op = getattr(torch.ops.aten, name)
+        assert registry[op](q, kv, kv) == 4 * b * hq * lq * lk * d, name
+        assert registry[getattr(torch.ops.aten, name + "_backward")](g, q, kv, kv) == 10 * b * hq * lq * lk * d, name
+
+
+def test_flop_counter_counts_matrix_products_with_an_output_dtype():
+    """``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` (bf16 operands, float32 sums) reaches the counter
+    with the dtype as a fourth argument: counted as the product it is."""
+    import torch
+
+    step_time = _step_time_module()
+    registry = step_time.flop_counter().flop_registry
+    aten, f32 = torch.ops.aten, torch.float32
+    a, b, acc = (torch.empty(*s, device="meta") for s in ((4, 5), (5, 6), (4, 6)))
+    ba, bb, bacc = (torch.empty(*s, device="meta") for s in ((3, 4, 5), (3, 5, 6), (3, 4, 6)))
+    assert registry[aten.addmm](acc, a, b, f32, out_val=acc) == 2 * 4 * 5 * 6
+    assert registry[aten.mm](a, b, f32, out_val=acc) == 2 * 4 * 5 * 6
+    assert registry[aten.baddbmm](bacc, ba, bb, f32, out_val=bacc) == 2 * 3 * 4 * 5 * 6
+    assert registry[aten.bmm](ba, bb, f32, out_val=bacc) == 2 * 3 * 4 * 5 * 6
+
+
+def test_model_shape_takes_a_tokenizer_that_fits_its_vocabulary(monkeypatch, tmp_path):
+    """``--tokenizer`` is saved beside the random weights; one larger than the shape's vocabulary is refused."""
+    import argparse
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from enigma_lightning.models import ModelSpec
+
+    step_time = _step_time_module()
+    tok_dir = ModelSpec(name_or_path="tiny:llama").resolved_path()
+    size = len(AutoTokenizer.from_pretrained(tok_dir))
+    shape = dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    monkeypatch.setitem(step_time.SHAPES, "small", {**shape, "vocab_size": size - 1})
+    monkeypatch.setitem(step_time.SHAPES, "fits", {**shape, "vocab_size": size + 8})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SystemExit, match=f"--tokenizer {tok_dir}: {size} tokens do not fit the {size - 1}-token"):
+        step_time.materialise_model(argparse.Namespace(model_shape="small", tokenizer=tok_dir, model=None))
+    out = step_time.materialise_model(argparse.Namespace(model_shape="fits", tokenizer=tok_dir, model=None))
+    assert Path(out).parent == tmp_path and (Path(out) / "config.json").exists()
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(tok_dir).get_vocab()
+
+
+def test_step_time_passes_encoder_and_overrides_to_our_configurations():
+    """``--encoder`` reaches the configurations that load one (a missing folder fails loading it, naming it);
+    ``--override`` reaches every configuration (an unknown key fails composing)."""
+    r = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny:llama", "--configs", "grpo,full", "--no-trl",
+                        "--encoder", "/nonexistent/encoder-dir"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "ours full failed" in r.stderr and "/nonexistent/encoder-dir" in r.stderr
+    r = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny:llama", "--configs", "grpo", "--no-trl",
+                        "--override", "rollout.no_such_key=1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "ours grpo failed" in r.stderr and "no_such_key" in r.stderr
+
