@@ -27,6 +27,7 @@ class SamplingConfig:
     max_prompt_length: int | None = 1024  # longer prompts are cut from the left (the question stays)
     seed_per_prompt: bool = False  # each completion's randomness from (seed, step, prompt, index): see row_seeds
     reserve_cache: bool = True  # KV cache written in place while sampling, not grown by torch.cat (see kvcache)
+    share_prompts: bool = True  # prefill each distinct prompt (and shared opening) once, repeat its cache over G
 
 
 @dataclass
@@ -102,11 +103,11 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     else:
         kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                       repetition_penalty=sampling.repetition_penalty)
-    # Prompts run once each, shared openings once (the cache is then repeated over the G completions); not under
-    # FSDP (ranks would run different numbers of forwards), with a repetition penalty (it reads the padded ids) or
-    # with a cache the model's generation config asks for.
+    # Prompts run once each, shared openings once (the cache is then repeated over the G completions): with
+    # ``share_prompts`` (the default), and not under FSDP (ranks would run different numbers of forwards), with a
+    # repetition penalty (it reads the padded ids) or with a cache the model's generation config asks for.
     named_cache = getattr(model.generation_config, "cache_implementation", None) is not None
-    shared = plan is not None and (g > 1 or bool(plan.groups)) and not synced_gpus \
+    shared = sampling.share_prompts and plan is not None and (g > 1 or bool(plan.groups)) and not synced_gpus \
         and sampling.repetition_penalty == 1.0 and not named_cache
     was_training = model.training
     model.eval()
@@ -165,14 +166,21 @@ def row_seeds(seed: int, step: int, prompts: list[str], num_generations: int) ->
 
 class PerRowGumbel:
     """Logits processor: adds Gumbel noise from one generator per row, so argmax samples softmax(scores) exactly
-    (filtered tokens stay at -inf) and row i's draws depend on its seed and position only."""
+    (filtered tokens stay at -inf) and row i's draws depend on its seed and position only.
+
+    The generators live on the scores' device (made at the first call): on a GPU the noise is drawn there, with no
+    host-side draw and copy of a [rows, vocabulary] tensor per token. A device's generator is its own stream (CUDA's
+    Philox, the CPU's Mersenne twister), so a completion is a function of its seed on a given kind of device."""
 
     def __init__(self, seeds: list[int]):
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        v = scores.size(-1)
-        u = torch.stack([torch.rand(v, generator=g) for g in self.generators]).to(scores.device)
+        v, device = scores.size(-1), scores.device
+        if self.generators is None:
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        u = torch.stack([torch.rand(v, generator=g, device=device) for g in self.generators])
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
         return scores.float() + gumbel
 

@@ -86,6 +86,25 @@ def test_generation_through_shared_prefixes_equals_plain_generation(tiny, monkey
     assert len(set(sampled.completions)) > 1
 
 
+def test_share_prompts_off_runs_every_row_and_samples_the_same(tiny, monkeypatch):
+    """``rollout.share_prompts=false`` skips the shared prefill (every row runs its whole prompt) and, seeded per
+    completion, samples what the shared path samples."""
+    tok, model = tiny
+    prompts = _prompts(tok)
+    from enigma_lightning import rollout
+    from enigma_lightning.rollout import row_seeds
+
+    seeds = row_seeds(0, 1, prompts, 3)
+    on = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10, seed_per_prompt=True), seeds=seeds)
+    calls = []
+    real = rollout.prefill_prompts
+    monkeypatch.setattr(rollout, "prefill_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    off = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10, seed_per_prompt=True,
+                                                          share_prompts=False), seeds=seeds)
+    assert not calls and off.prefixes is not None  # the plan is still made (the training forwards use it)
+    assert off.completions == on.completions and torch.equal(off.completion_ids, on.completion_ids)
+
+
 def test_forward_through_shared_prefixes_equals_plain_forward(tiny):
     """Log-probs, hidden states and gradients with prefixes shared equal the plain forward over every row."""
     tok, model = tiny
