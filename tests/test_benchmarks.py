@@ -236,3 +236,16 @@ def test_step_time_passes_encoder_and_overrides_to_our_configurations():
                         "--override", "rollout.no_such_key=1"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "ours grpo failed" in r.stderr and "no_such_key" in r.stderr
 
+
+def test_generation_benchmark_on_the_tiny_model(tmp_path):
+    script = SCRIPT.parent / "generation.py"
+    r = subprocess.run([sys.executable, str(script), "--model", "tiny:llama", "--short", "2", "--long", "6",
+                        "--repeats", "1", "--prompts", "2", "--G", "2", "--profile", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split("\nvariant ")[1].splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip() and not line.startswith("profiles")}
+    assert set(rows) == {"hf", "ours", "ours_no_reserve", "ours_no_share", "ours_seeded"}
+    assert rows["hf"][2] == "1.00x" and all(float(row[1]) > 0 and float(row[3]) > 50 for row in rows.values())
+    for v in rows:
+        assert "by self host time" in (tmp_path / f"{v}.txt").read_text()

@@ -1,0 +1,216 @@
+"""Sampling speed per decoding step: our rollout (``enigma_lightning.rollout.generate``) against transformers' plain
+``generate`` called as TRL's GRPOTrainer calls it, and our rollout with each of its options changed in turn.
+
+    python benchmarks/generation.py                                # CPU: embedded SmolLM2, 4 prompts x G=4
+    python benchmarks/generation.py --model tiny:llama --long 32
+    python benchmarks/generation.py --device cuda --dtype bfloat16 --model-shape qwen2.5-0.5b --G 8 --long 256 \\
+        --profile /tmp/gen-profile                                 # GPU: a real 0.5B architecture, random weights
+
+Variants: ``hf`` (the prompts left-padded and repeated G times, ``model.generate`` sampling with a growing KV cache),
+``ours`` (the rollout as training runs it: each distinct prompt and shared opening prefilled once, the KV cache
+written in place), ``ours_no_reserve`` (``rollout.reserve_cache=false``), ``ours_no_share``
+(``rollout.share_prompts=false``) and ``ours_seeded`` (``rollout.seed_per_prompt=true``: one random stream per
+completion). Each generates fixed-length completions (EOS suppressed) of ``--short`` and of ``--long`` tokens,
+``--repeats`` times, the variants in turn within each repeat (the order reversed every other repeat). A decoding
+step's time is the difference of the two median times over the difference in tokens: the prompts' prefill drops
+out. Also per decoding step, from one more pair of runs: the operators dispatched (a device-independent measure of
+launch overhead) and, on GPU, the host-device synchronisations (``torch.cuda.set_sync_debug_mode``), and the time
+the weights take to stream from memory once (the floor of a decoding step). ``--profile DIR`` writes a
+``torch.profiler`` table (self host and self device time per operator) of one ``--long`` run of each variant to
+``DIR/<variant>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_time import BANDWIDTH_GBS, SHAPES, _prompts, _sync, materialise_model  # noqa: E402
+
+OPTIONS = {"ours": {}, "ours_no_reserve": {"reserve_cache": False}, "ours_no_share": {"share_prompts": False},
+           "ours_seeded": {"seed_per_prompt": True}}
+VARIANTS = ("hf", *OPTIONS)
+
+
+def setup(args):
+    """(tokenizer, model, prompts, sampling settings, assistant prefill), as training renders and samples them."""
+    import torch
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
+
+    spec = ModelSpec(name_or_path=materialise_model(args), dtype=args.dtype)
+    torch.manual_seed(args.seed)
+    tok, model = load_tokenizer(spec), load_policy(spec).to(args.device).eval()
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tempfile.mkdtemp()}"])
+    template = instantiate(cfg.prompt)
+    prompts = [r["prompt"] for r in _prompts(args.prompts, template, tok, instantiate(cfg.principles).text)]
+    sampling = replace(instantiate(cfg.rollout), temperature=args.temperature)
+    return tok, model, prompts, sampling, template.prefill
+
+
+def runner(variant: str, args, tok, model, prompts, sampling, prefill):
+    """A function of n that samples G fixed-length completions of n tokens per prompt the variant's way."""
+    import torch
+
+    from enigma_lightning.rollout import eos_token_ids, generate, row_seeds
+
+    if variant == "hf":  # as TRL: every row its whole left-padded prompt, transformers' sampling and cache
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids = enc["input_ids"].repeat_interleave(args.G, 0).to(args.device)
+        mask = enc["attention_mask"].repeat_interleave(args.G, 0).to(args.device)
+        eos = eos_token_ids(tok, model)
+
+        def run(n: int):
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                                      top_p=1.0, top_k=0, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
+                                      pad_token_id=tok.pad_token_id, use_cache=True)
+        return run
+
+    def run(n: int):
+        s = replace(sampling, max_new_tokens=n, min_new_tokens=n, **OPTIONS[variant])
+        seeds = row_seeds(args.seed, 0, prompts, args.G) if s.seed_per_prompt else None
+        return generate(model, tok, prompts, args.G, s, prefill=prefill, seeds=seeds)
+    return run
+
+
+def timed(run, n: int, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    run(n)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def dispatched(run, n: int) -> int:
+    """Operators dispatched while sampling n tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        run(n)
+    return sum(c.ops.values())
+
+
+def synchronisations(run, n: int) -> int:
+    """Host-device synchronisations while sampling n tokens (CUDA's sync debug mode warns at each)."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(n)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile(run, n: int, device: str, path: Path) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        run(n)
+        _sync(device)
+    table = prof.key_averages()
+    path.write_text("by self host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=30)
+                    + ("\nby self device time\n" + table.table(sort_by="self_device_time_total", row_limit=30)
+                       if cuda else ""))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder, embedded:..., tiny:llama")
+    p.add_argument("--model-shape", default=None, choices=sorted(SHAPES), help="a real architecture, random weights")
+    p.add_argument("--tokenizer", default=None, help="with --model-shape: the tokenizer saved beside the weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--G", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--short", type=int, default=8, help="tokens of the short run (prefill + a few steps)")
+    p.add_argument("--long", type=int, default=96, help="tokens of the long run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--bandwidth-gbs", type=float, default=None)
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="write a torch.profiler table of one --long run of each variant to DIR/<variant>.txt")
+    args = p.parse_args()
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    if not 0 < args.short < args.long:
+        raise SystemExit(f"need 0 < --short < --long; got --short {args.short}, --long {args.long}")
+    if args.tokenizer and not args.model_shape:
+        raise SystemExit("--tokenizer goes with --model-shape (a model from --model brings its own tokenizer)")
+
+    import torch
+
+    tok, model, prompts, sampling, prefill = setup(args)
+    runs = {v: runner(v, args, tok, model, prompts, sampling, prefill) for v in variants}
+    rows, steps = args.prompts * args.G, args.long - args.short
+    print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G} "
+          f"({rows} rows), fixed-length completions of {args.short} and {args.long} tokens, {args.repeats} repeats, "
+          f"variants in turn\n")
+    for v in variants:  # warm-up: kernels, allocator, caches
+        runs[v](args.short)
+    times: dict[str, dict[int, list[float]]] = {v: {args.short: [], args.long: []} for v in variants}
+    for r in range(args.repeats):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            for n in (args.short, args.long):
+                times[v][n].append(timed(runs[v], n, args.device))
+    cuda = args.device.startswith("cuda")
+    result = {}
+    for v in variants:
+        short, long = (statistics.median(times[v][n]) for n in (args.short, args.long))
+        ops = (dispatched(runs[v], args.long) - dispatched(runs[v], args.short)) / steps
+        syncs = (synchronisations(runs[v], args.long) - synchronisations(runs[v], args.short)) / steps if cuda else None
+        result[v] = dict(step=(long - short) / steps, short=short, long=long, ops=ops, syncs=syncs)
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile(runs[v], args.long, args.device, args.profile / f"{v}.txt")
+    base = result.get("hf", {}).get("step")
+    print(f"{'variant':<16} {'ms/step':>8} {'/ hf':>6} {'ops/step':>9} {'syncs/step':>10} "
+          f"{f'{args.short} tokens':>11} {f'{args.long} tokens':>11} {'tok/s':>8}")
+    for v, r in result.items():
+        ratio = f"{r['step'] / base:.2f}x" if base else "-"
+        syncs = "-" if r["syncs"] is None else f"{r['syncs']:.1f}"
+        print(f"{v:<16} {1e3 * r['step']:8.2f} {ratio:>6} {r['ops']:9.0f} {syncs:>10} {r['short']:10.2f}s "
+              f"{r['long']:10.2f}s {rows * args.long / r['long']:8.0f}")
+    if cuda:
+        name = torch.cuda.get_device_name()
+        gbs = args.bandwidth_gbs or next((x for k, x in BANDWIDTH_GBS.items() if k in name), None)
+        weights = sum(t.numel() * t.element_size() for t in model.parameters())
+        if gbs:
+            print(f"\nfloor of a decoding step: {weights / 2**30:.2f} GiB of weights at {gbs:.0f} GB/s = "
+                  f"{1e3 * weights / (gbs * 1e9):.2f} ms")
+    if args.profile:
+        print(f"\nprofiles: {', '.join(str(args.profile / f'{v}.txt') for v in variants)}")
+
+
+if __name__ == "__main__":
+    main()
