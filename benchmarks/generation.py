@@ -190,9 +190,6 @@ def main() -> None:
         ops = (dispatched(runs[v], args.long) - dispatched(runs[v], args.short)) / steps
         syncs = (synchronisations(runs[v], args.long) - synchronisations(runs[v], args.short)) / steps if cuda else None
         result[v] = dict(step=(long - short) / steps, short=short, long=long, ops=ops, syncs=syncs)
-        if args.profile:
-            args.profile.mkdir(parents=True, exist_ok=True)
-            profile(runs[v], args.long, args.device, args.profile / f"{v}.txt")
     base = result.get("hf", {}).get("step")
     print(f"{'variant':<16} {'ms/step':>8} {'/ hf':>6} {'ops/step':>9} {'syncs/step':>10} "
           f"{f'{args.short} tokens':>11} {f'{args.long} tokens':>11} {'tok/s':>8}")
@@ -208,7 +205,11 @@ def main() -> None:
         if gbs:
             print(f"\nfloor of a decoding step: {weights / 2**30:.2f} GiB of weights at {gbs:.0f} GB/s = "
                   f"{1e3 * weights / (gbs * 1e9):.2f} ms")
-    if args.profile:
+    if args.profile:  # last, so that the table above is out whatever the profiler does
+        sys.stdout.flush()
+        args.profile.mkdir(parents=True, exist_ok=True)
+        for v in variants:
+            profile(runs[v], args.long, args.device, args.profile / f"{v}.txt")
         print(f"\nprofiles: {', '.join(str(args.profile / f'{v}.txt') for v in variants)}")
 
 
