@@ -372,8 +372,9 @@ def _spawn(args, framework: str, config: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--framework", framework, "--config", config]
     for o in args.override:
         cmd += ["--override", o]
-    for k in ("model", "model_shape", "tokenizer", "encoder", "device", "dtype", "G", "prompts", "max_new_tokens", "temperature",
-              "steps", "warmup", "loss_type", "seed", "cpu_malloc", "trl_cpu_malloc", "checkpoint_every"):
+    for k in ("model", "model_shape", "tokenizer", "encoder", "device", "dtype", "G", "prompts", "max_new_tokens",
+              "temperature", "steps", "warmup", "loss_type", "seed", "cpu_malloc", "trl_cpu_malloc",
+              "checkpoint_every"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
