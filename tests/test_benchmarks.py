@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (they print figures; nothing here checks a speed)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -246,6 +247,9 @@ def test_generation_benchmark_on_the_tiny_model(tmp_path):
     lines = r.stdout.split("\nvariant ")[1].splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip() and not line.startswith("profiles")}
     assert set(rows) == {"hf", "ours", "ours_no_reserve", "ours_no_share", "ours_seeded"}
-    assert rows["hf"][2] == "1.00x" and all(float(row[1]) > 0 and float(row[3]) > 50 for row in rows.values())
+    # times are printed, not checked (on a loaded machine a 4-token difference can even come out negative);
+    # operators per decoding step are counted, so they are checked
+    assert rows["hf"][2] == "1.00x"
+    assert all(not math.isnan(float(row[1])) and float(row[3]) > 50 for row in rows.values())
     for v in rows:
         assert "by self host time" in (tmp_path / f"{v}.txt").read_text()
