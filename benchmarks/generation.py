@@ -33,7 +33,15 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import BANDWIDTH_GBS, SHAPES, _prompts, _sync, materialise_model  # noqa: E402
+from step_time import (  # noqa: E402
+    _prompts,
+    _sync,
+    add_model_arguments,
+    check_model_arguments,
+    device_bandwidth,
+    materialise_model,
+    weight_bytes,
+)
 
 OPTIONS = {"ours": {}, "ours_no_reserve": {"reserve_cache": False}, "ours_no_share": {"share_prompts": False},
            "ours_seeded": {"seed_per_prompt": True}}
@@ -142,9 +150,7 @@ def profile(run, n: int, device: str, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder, embedded:..., tiny:llama")
-    p.add_argument("--model-shape", default=None, choices=sorted(SHAPES), help="a real architecture, random weights")
-    p.add_argument("--tokenizer", default=None, help="with --model-shape: the tokenizer saved beside the weights")
+    add_model_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--G", type=int, default=4)
@@ -165,10 +171,7 @@ def main() -> None:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     if not 0 < args.short < args.long:
         raise SystemExit(f"need 0 < --short < --long; got --short {args.short}, --long {args.long}")
-    if args.tokenizer and not args.model_shape:
-        raise SystemExit("--tokenizer goes with --model-shape (a model from --model brings its own tokenizer)")
-
-    import torch
+    check_model_arguments(args)
 
     tok, model, prompts, sampling, prefill = setup(args)
     runs = {v: runner(v, args, tok, model, prompts, sampling, prefill) for v in variants}
@@ -199,12 +202,11 @@ def main() -> None:
         print(f"{v:<16} {1e3 * r['step']:8.2f} {ratio:>6} {r['ops']:9.0f} {syncs:>10} {r['short']:10.2f}s "
               f"{r['long']:10.2f}s {rows * args.long / r['long']:8.0f}")
     if cuda:
-        name = torch.cuda.get_device_name()
-        gbs = args.bandwidth_gbs or next((x for k, x in BANDWIDTH_GBS.items() if k in name), None)
-        weights = sum(t.numel() * t.element_size() for t in model.parameters())
-        if gbs:
-            print(f"\nfloor of a decoding step: {weights / 2**30:.2f} GiB of weights at {gbs:.0f} GB/s = "
-                  f"{1e3 * weights / (gbs * 1e9):.2f} ms")
+        name, gbs = device_bandwidth(args)
+        weights = weight_bytes(model)
+        print(f"\nfloor of a decoding step: {weights / 2**30:.2f} GiB of weights at {gbs:.0f} GB/s = "
+              f"{1e3 * weights / (gbs * 1e9):.2f} ms" if gbs else f"\n(no bandwidth figure for {name}; pass "
+              "--bandwidth-gbs)")
     if args.profile:  # last, so that the table above is out whatever the profiler does
         sys.stdout.flush()
         args.profile.mkdir(parents=True, exist_ok=True)

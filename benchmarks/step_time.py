@@ -411,23 +411,46 @@ def bandwidth_share(tokens_per_s: float, weight_bytes: int, rows: int, gbs: floa
 
 def _bandwidth_bound(args, result: dict) -> str:
     """Generation tokens/s as a share of the memory-bandwidth limit (GPU only)."""
-    import torch
-
     if not args.device.startswith("cuda"):
         return ""
-    name = torch.cuda.get_device_name()
-    gbs = args.bandwidth_gbs or next((v for k, v in BANDWIDTH_GBS.items() if k in name), None)
+    name, gbs = device_bandwidth(args)
     if gbs is None:
         return f"  (no bandwidth figure for {name}; pass --bandwidth-gbs)"
     from enigma_lightning.models import ModelSpec, load_policy
 
-    model = load_policy(ModelSpec(name_or_path=materialise_model(args), dtype=args.dtype))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(load_policy(ModelSpec(name_or_path=materialise_model(args), dtype=args.dtype)))
     rows = args.prompts * args.G
     gen = statistics.mean(s["tokens"] / s["phases"]["generation"] for s in result["steps"])
-    bound, share = bandwidth_share(gen, weight_bytes, rows, gbs)
+    bound, share = bandwidth_share(gen, weights, rows, gbs)
     return f"  generation {gen:.0f} tok/s = {100 * share:.1f}% of the bandwidth limit {bound:.0f} tok/s " \
-           f"({gbs:.0f} GB/s, {weight_bytes / 2**30:.2f} GiB of weights, {rows} rows)"
+           f"({gbs:.0f} GB/s, {weights / 2**30:.2f} GiB of weights, {rows} rows)"
+
+
+def device_bandwidth(args) -> tuple[str, float | None]:
+    """(the GPU's name, its memory bandwidth in GB/s): ``--bandwidth-gbs``, else ``BANDWIDTH_GBS``'s figure for that
+    GPU, else None."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return name, args.bandwidth_gbs or next((v for k, v in BANDWIDTH_GBS.items() if k in name), None)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--model-shape`` and ``--tokenizer`` (checked by :func:`check_model_arguments`)."""
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder, embedded:..., tiny:llama")
+    p.add_argument("--model-shape", default=None, choices=sorted(SHAPES), help="a real architecture, random weights")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --model-shape: the tokenizer saved beside the random weights (hub id or folder; "
+                        "default: the embedded SmolLM2's chat tokenizer)")
+
+
+def check_model_arguments(args) -> None:
+    if args.tokenizer and not args.model_shape:
+        raise SystemExit("--tokenizer goes with --model-shape (a model from --model brings its own tokenizer)")
 
 
 def matmul_baseline(device: str, dtype: str) -> tuple[float, int]:
@@ -465,11 +488,7 @@ def step_at_rate(step: float, times: dict[str, float], flops: dict[str, float], 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="grpo,grpo+sami,grpo+ot,full")
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, folder, embedded:..., tiny:llama")
-    p.add_argument("--model-shape", default=None, choices=sorted(SHAPES), help="a real architecture, random weights")
-    p.add_argument("--tokenizer", default=None,
-                   help="with --model-shape: the tokenizer saved beside the random weights (hub id or folder; "
-                        "default: the embedded SmolLM2's chat tokenizer)")
+    add_model_arguments(p)
     p.add_argument("--encoder", default=None,
                    help="our principle encoder where a configuration loads one (hub id, folder, embedded:...; "
                         "default: the preset's, the embedded all-MiniLM-L6-v2)")
@@ -518,8 +537,7 @@ def main() -> None:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(CONFIGS)}")
-    if args.tokenizer and not args.model_shape:
-        raise SystemExit("--tokenizer goes with --model-shape (a model from --model brings its own tokenizer)")
+    check_model_arguments(args)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1; got {args.rounds}")
     if args.checkpoint_every != 1 and not (args.gradient_checkpointing and not args.trl):
