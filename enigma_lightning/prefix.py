@@ -31,6 +31,7 @@ prompts' cache through :func:`~enigma_lightning.kvcache.read_only` layers that n
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,8 +154,8 @@ def prefill_prompts(model: nn.Module, ids: Tensor, mask: Tensor, plan: PrefixPla
             cache = _fork(store[plan.prefixes])
         else:
             gpos = (gmask.cumsum(1) - 1).clamp(min=0)
-            cache = model(input_ids=tok, attention_mask=gmask, position_ids=gpos, use_cache=True,
-                          logits_to_keep=1).past_key_values
+            cache = output_cache(model(input_ids=tok, attention_mask=gmask, position_ids=gpos, use_cache=True,
+                                       logits_to_keep=1))
             if store is not None:
                 if len(store) >= 8:
                     store.pop(next(iter(store)))
@@ -171,10 +172,28 @@ def prefill_prompts(model: nn.Module, ids: Tensor, mask: Tensor, plan: PrefixPla
     last = None
     if run:
         out = model(input_ids=tree_ids[:, big_l : big_l + run], attention_mask=tree_mask[:, : big_l + run],
-                    position_ids=sfx_pos[:, :run], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    position_ids=sfx_pos[:, :run], use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+        cache = output_cache(out)
         last = out.logits[:, -1:] if logits and not leave_last else None
     return Prefill(cache, tree_ids, tree_mask, to_device(plan.lengths, dev), last)
+
+
+def cache_argument(model) -> str:
+    """The keyword under which ``model``'s forward, and ``generate``, take a KV cache: ``cache`` from transformers 5.24
+    on (``past_key_values`` is deprecated there, to be removed in 5.40), ``past_key_values`` before, and for models
+    whose own code still names it so. Read from the forward's signature (a peft wrapper's: its base model's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a model's forward returned, under whichever name its output class gives it."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values
 
 
 def to_device(data, device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:

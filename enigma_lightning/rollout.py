@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .prefix import PrefixPlan, checkpoint_layers, layers_read_cache, prefill_prompts, unchecked
+from .prefix import (
+    PrefixPlan,
+    cache_argument,
+    checkpoint_layers,
+    layers_read_cache,
+    prefill_prompts,
+    unchecked,
+)
 
 
 @dataclass
@@ -118,7 +125,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
             inputs, attention = pre.ids.repeat_interleave(g, dim=0), pre.mask.repeat_interleave(g, dim=0)
             if pre.cache is not None:
                 pre.cache.batch_repeat_interleave(g)
-                kwargs["past_key_values"] = pre.cache
+                kwargs[cache_argument(model)] = pre.cache
         if sampling.reserve_cache and not named_cache:
             _reserve_cache(model, kwargs, sampling.max_new_tokens)
         out = model.generate(input_ids=inputs, attention_mask=attention, **kwargs)
@@ -139,12 +146,13 @@ def _reserve_cache(model: nn.Module, kwargs: dict, tokens: int) -> None:
 
     from .kvcache import reserve
 
-    cache = kwargs.get("past_key_values")
+    name = cache_argument(model)
+    cache = kwargs.get(name)
     if cache is None:
         if getattr(model.config, "is_encoder_decoder", False) \
                 or not getattr(model, "_supports_default_dynamic_cache", lambda: False)():
             return
-        cache = kwargs["past_key_values"] = DynamicCache(config=model.config.get_text_config(decoder=True))
+        cache = kwargs[name] = DynamicCache(config=model.config.get_text_config(decoder=True))
     if isinstance(cache, DynamicCache):
         reserve(cache, tokens)
 
@@ -237,8 +245,8 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
         with layers_read_cache(layers):
             out = model(input_ids=completion_ids, attention_mask=torch.cat([pre.mask.repeat_interleave(g, 0),
                                                                             completion_mask], dim=1),
-                        position_ids=positions, past_key_values=pre.cache, use_cache=True,
-                        output_hidden_states=want_hidden, logits_to_keep=t if compute_logps else 1)
+                        position_ids=positions, use_cache=True, output_hidden_states=want_hidden,
+                        logits_to_keep=t if compute_logps else 1, **{cache_argument(model): pre.cache})
         # the prompt's last position predicts completion token 0
         head = pre.last_logits.repeat_interleave(g, dim=0) if compute_logps else None
     else:

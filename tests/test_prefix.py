@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
-from enigma_lightning.prefix import PrefixPlan, prefill_prompts
+from enigma_lightning.prefix import PrefixPlan, cache_argument, prefill_prompts
 from enigma_lightning.prompts import PromptTemplate
 from enigma_lightning.rollout import SamplingConfig, generate, per_token_logps
 
@@ -148,3 +148,44 @@ def test_store_runs_a_frozen_models_prefixes_once(tiny):
     torch.testing.assert_close(third.last_logits, first.last_logits)  # the stored cache was not changed by use
     for a, b in zip(first.cache.layers, third.cache.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_the_cache_goes_by_the_name_the_installed_transformers_takes(tiny):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns there, and goes in 5.40):
+    generation and the shared-prompt forwards pass and read the cache under the name the model's forward takes, so
+    neither warns, whichever release is installed."""
+    import inspect
+    import logging
+    import warnings
+
+    tok, model = tiny
+    takes = inspect.signature(model.forward).parameters
+    assert cache_argument(model) == ("cache" if "cache" in takes else "past_key_values")
+    assert cache_argument(model) in takes
+    once = getattr(logging.Logger.warning_once, "cache_clear", None)  # transformers logs some warnings once only
+    if once is not None:
+        once()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    tokens: list[int] = []  # tokens each forward runs
+    hook = model.register_forward_pre_hook(lambda m, args, kw: tokens.append(kw["input_ids"].size(1)), with_kwargs=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ro = generate(model, tok, _prompts(tok), 3, SamplingConfig(max_new_tokens=6))  # shared prefill, own cache
+            n = len(tokens)
+            logps, _ = per_token_logps(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
+                                       num_generations=3, prefixes=ro.prefixes)
+    finally:
+        logger.removeHandler(handler)
+        hook.remove()
+    assert ro.prefixes.groups and torch.isfinite(logps).all()
+    # generate took the prefilled cache: after the prefixes' and the suffixes' forwards, one token per step
+    assert n == 2 + 6 and tokens[2:n] == [1] * 6
+    # the training forward: the prefixes, the suffixes (with their last token), the completions on their cache
+    assert tokens[n:] == [tokens[0], tokens[1] + 1, ro.completion_ids.size(1)]
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in records]
+    assert not [m for m in messages if "past_key_values" in m or "cache_params" in m], messages
