@@ -263,9 +263,11 @@ def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
 
 def checkpointing(model: nn.Module) -> bool:
     """Whether activation (gradient) checkpointing is on (transformers then drops the KV cache in training)."""
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
+    # newer transformers name the flag is_activation_checkpointing (the old name warns); a peft wrapper forwards
+    # either to its base model
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def _groups_share_prompt(prompt_ids: Tensor, g: int) -> bool:

@@ -232,3 +232,21 @@ def test_reference_forward_without_logits_and_asserted_sharing(tiny_dir, monkeyp
         assert compared
     assert logps is None
     torch.testing.assert_close(hidden[-1], full[-1])
+
+
+def test_checkpointing_reads_the_flag_through_a_lora_wrapper_by_its_current_name(tiny_dir):
+    """``checkpointing`` sees the base model's flag through peft's wrapper, and reads it under transformers' current
+    name (``is_activation_checkpointing``; the older ``is_gradient_checkpointing`` warns where both exist)."""
+    import warnings
+
+    from peft import LoraConfig
+
+    from enigma_lightning.models import apply_lora
+
+    for on in (False, True):
+        base = load_policy(ModelSpec(name_or_path=str(tiny_dir), gradient_checkpointing=on))
+        model = apply_lora(base, LoraConfig(r=2, target_modules=["q_proj"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert checkpointing(model) is on and checkpointing(base) is on
+        assert not [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)]
