@@ -91,7 +91,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
         kwargs["min_new_tokens"] = sampling.min_new_tokens
     if greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    elif seeds is not None:  # exact sampling by the Gumbel-max trick, with one random stream per completion
+    else:  # transformers' warpers, then one exact draw per row (InverseCdfSampler) that greedy decoding picks up
         from transformers import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -99,17 +99,12 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
             TopPLogitsWarper,
         )
 
-        if len(seeds) != prompt_ids.size(0):
-            raise ValueError(f"{len(seeds)} seeds for {prompt_ids.size(0)} completions")
         procs = [TemperatureLogitsWarper(sampling.temperature)]
         procs += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
         procs += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
                       repetition_penalty=sampling.repetition_penalty,
-                      logits_processor=LogitsProcessorList([*procs, PerRowGumbel(seeds)]))
-    else:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                      repetition_penalty=sampling.repetition_penalty)
+                      logits_processor=LogitsProcessorList([*procs, InverseCdfSampler(seeds)]))
     # Prompts run once each, shared openings once (the cache is then repeated over the G completions): with
     # ``share_prompts`` (the default), and not under FSDP (ranks would run different numbers of forwards), with a
     # repetition penalty (it reads the padded ids) or with a cache the model's generation config asks for.
@@ -172,25 +167,43 @@ def row_seeds(seed: int, step: int, prompts: list[str], num_generations: int) ->
     return out
 
 
-class PerRowGumbel:
-    """Logits processor: adds Gumbel noise from one generator per row, so argmax samples softmax(scores) exactly
-    (filtered tokens stay at -inf) and row i's draws depend on its seed and position only.
+class InverseCdfSampler:
+    """Logits processor, last in the list, for greedy decoding to pick up: draws each row's next token from
+    softmax(scores) and returns scores that are 0 at that token and -inf elsewhere.
 
-    The generators live on the scores' device (made at the first call): on a GPU the noise is drawn there, with no
-    host-side draw and copy of a [rows, vocabulary] tensor per token. A device's generator is its own stream (CUDA's
-    Philox, the CPU's Mersenne twister), so a completion is a function of its seed on a given kind of device."""
+    The draw inverts the row's cumulative distribution: one uniform number per row, a float64 running sum over the
+    vocabulary and a binary search. It samples the distribution ``torch.multinomial`` samples (tokens the warpers
+    filtered to -inf have probability 0), which instead draws an exponential variate for every vocabulary entry: on
+    a 2-core CPU, 16 rows of a 49k vocabulary, 4 ms against 23 ms a decoding step.
 
-    def __init__(self, seeds: list[int]):
-        self.seeds = list(seeds)
+    ``seeds`` (one per row, see :func:`row_seeds`): row i's uniform numbers come from its own generator, so its
+    completion depends on its seed and the logits only, not on the batch it is sampled in. The generators live on
+    the scores' device (made at the first call); a device's generator is its own stream (CUDA's Philox, the CPU's
+    Mersenne twister), so a completion is a function of its seed on a given kind of device. Without seeds the
+    numbers come from torch's global stream on that device."""
+
+    def __init__(self, seeds: list[int] | None = None):
+        self.seeds = None if seeds is None else list(seeds)
         self.generators: list[torch.Generator] | None = None
 
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        v, device = scores.size(-1), scores.device
+    def uniform(self, rows: int, device: torch.device) -> Tensor:
+        """[rows, 1] float64 numbers in [0, 1)."""
+        if self.seeds is None:
+            return torch.rand(rows, 1, dtype=torch.float64, device=device)
+        if len(self.seeds) != rows:
+            raise ValueError(f"{len(self.seeds)} seeds for {rows} completions")
         if self.generators is None:
             self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
-        u = torch.stack([torch.rand(v, generator=g, device=device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
-        return scores.float() + gumbel
+        return torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=device) for g in self.generators])[
+            :, None]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        cdf = torch.softmax(scores.float(), dim=-1).to(torch.float64).cumsum(dim=-1)
+        total = cdf[:, -1:]
+        u = self.uniform(scores.size(0), scores.device) * total
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rounding must not reach the end
+        token = torch.searchsorted(cdf, u, right=True)  # the first entry above u: a token of probability > 0
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 def per_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,

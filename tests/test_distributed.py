@@ -42,13 +42,30 @@ def test_per_completion_seeds_do_not_depend_on_the_batch(tiny_dir):
     assert row_seeds(0, 5, ["a", "a"], 1)[0] != row_seeds(0, 5, ["a", "a"], 1)[1]  # repeated prompts differ
 
 
-def test_gumbel_sampling_matches_the_softmax():
-    from enigma_lightning.rollout import PerRowGumbel
+def test_the_sampler_draws_from_the_softmax_with_or_without_seeds():
+    """One draw per row by the inverse CDF: the frequencies match softmax(scores) (the -inf token never comes up),
+    seeded rows repeat their draws and differ from one another, and unseeded ones follow torch's global stream."""
+    from enigma_lightning.rollout import InverseCdfSampler
 
-    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).repeat(20000, 1)
-    picks = PerRowGumbel(list(range(20000)))(None, logits).argmax(-1)
-    freq = torch.bincount(picks, minlength=4).float() / picks.numel()
-    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015) and freq[3] == 0
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -3.0, float("-inf")]]).repeat(40000, 1)
+    probs = torch.softmax(logits[0], -1)
+    torch.manual_seed(0)
+    for sampler in (InverseCdfSampler(list(range(40000))), InverseCdfSampler()):
+        out = sampler(None, logits)
+        assert torch.equal(out.max(-1).values, torch.zeros(40000)) and (out == 0).sum() == 40000  # one pick per row
+        freq = torch.bincount(out.argmax(-1), minlength=6).double() / 40000
+        sigma = (probs * (1 - probs) / 40000).sqrt()
+        assert ((freq - probs).abs() <= 5 * sigma + 1e-12).all(), (freq, probs)
+        assert freq[2] == 0 and freq[5] == 0 and freq[4] > 0  # a 0.4% token comes up, the filtered ones never
+    seeded = [InverseCdfSampler([7, 8])(None, logits[:2]).argmax(-1) for _ in range(2)]
+    steps = torch.stack([s(None, logits[:2]).argmax(-1) for s in [InverseCdfSampler([7, 8])] * 50])
+    assert torch.equal(seeded[0], seeded[1]) and not torch.equal(steps[:, 0], steps[:, 1])
+    torch.manual_seed(3)
+    a = InverseCdfSampler()(None, logits[:50]).argmax(-1)
+    torch.manual_seed(3)
+    assert torch.equal(InverseCdfSampler()(None, logits[:50]).argmax(-1), a)
+    with pytest.raises(ValueError, match="3 seeds for 2 completions"):
+        InverseCdfSampler([1, 2, 3])(None, logits[:2])
 
 
 def _rows(out):
