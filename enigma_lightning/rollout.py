@@ -111,6 +111,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     named_cache = getattr(model.generation_config, "cache_implementation", None) is not None
     shared = sampling.share_prompts and plan is not None and (g > 1 or bool(plan.groups)) and not synced_gpus \
         and sampling.repetition_penalty == 1.0 and not named_cache
+    cache_key = cache_argument(model)  # the keyword generate takes the cache under
     was_training = model.training
     model.eval()
     try:
@@ -120,9 +121,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
             inputs, attention = pre.ids.repeat_interleave(g, dim=0), pre.mask.repeat_interleave(g, dim=0)
             if pre.cache is not None:
                 pre.cache.batch_repeat_interleave(g)
-                kwargs[cache_argument(model)] = pre.cache
+                kwargs[cache_key] = pre.cache
         if sampling.reserve_cache and not named_cache:
-            _reserve_cache(model, kwargs, sampling.max_new_tokens)
+            _reserve_cache(model, kwargs, cache_key, sampling.max_new_tokens)
         out = model.generate(input_ids=inputs, attention_mask=attention, **kwargs)
     finally:
         model.train(was_training)
@@ -133,15 +134,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts], plan)
 
 
-def _reserve_cache(model: nn.Module, kwargs: dict, tokens: int) -> None:
+def _reserve_cache(model: nn.Module, kwargs: dict, name: str, tokens: int) -> None:
     """Generate into a KV cache that is written in place (:mod:`enigma_lightning.kvcache`): the prefilled one, or,
     when there is none, the cache ``generate`` would build itself (callers leave out models whose generation config
-    names a cache)."""
+    names a cache). ``name``: the keyword ``generate`` takes the cache under (:func:`~.prefix.cache_argument`)."""
     from transformers import DynamicCache
 
     from .kvcache import reserve
 
-    name = cache_argument(model)
     cache = kwargs.get(name)
     if cache is None:
         if getattr(model.config, "is_encoder_decoder", False) \
