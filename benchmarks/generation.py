@@ -5,6 +5,8 @@
     python benchmarks/generation.py --model tiny:llama --long 32
     python benchmarks/generation.py --device cuda --dtype bfloat16 --model-shape qwen2.5-0.5b --G 8 --long 256 \\
         --profile /tmp/gen-profile                                 # GPU: a real 0.5B architecture, random weights
+    python benchmarks/generation.py --device cuda --dtype bfloat16 --model-shape qwen2.5-0.5b --G 8 --long 256 \\
+        --variants hf,ours --sdpa default,flash,efficient,cudnn   # the same with each attention backend in turn
 
 Variants: ``hf`` (the prompts left-padded and repeated G times, ``model.generate`` sampling with a growing KV cache),
 ``ours`` (the rollout as training runs it: each distinct prompt and shared opening prefilled once, the KV cache
@@ -17,7 +19,13 @@ out. Also per decoding step, from one more pair of runs: the operators dispatche
 launch overhead) and, on GPU, the host-device synchronisations (``torch.cuda.set_sync_debug_mode``), and the time
 the weights take to stream from memory once (the floor of a decoding step). ``--profile DIR`` writes a
 ``torch.profiler`` table (self host and self device time per operator) of one ``--long`` run of each variant to
-``DIR/<variant>.txt``.
+``DIR/<variant>.txt`` (``DIR/<variant>.<backend>.txt`` with ``--sdpa``).
+
+Attention: the table names the kernel(s) ``scaled_dot_product_attention`` dispatched to in each variant's decoding
+steps (``flash``, ``efficient``, ``cudnn``, ``math``, ...: the backend torch chose for those shapes, strides and
+masks). ``--sdpa flash,cudnn,...`` runs each variant again with torch's choice restricted to one backend
+(``torch.nn.attention.sdpa_kernel``), as ``<variant>@<backend>``; a backend that cannot run the variant's attention
+on the device is reported and left out.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ from step_time import (  # noqa: E402
 OPTIONS = {"ours": {}, "ours_no_reserve": {"reserve_cache": False}, "ours_no_share": {"share_prompts": False},
            "ours_seeded": {"seed_per_prompt": True}}
 VARIANTS = ("hf", *OPTIONS)
+SDPA = ("default", "flash", "efficient", "cudnn", "math")  # --sdpa: torch's choice, or one SDPBackend
+# the operators scaled_dot_product_attention dispatches to, by backend; the math backend is a composite that reaches
+# the dispatcher as its parts, of which _safe_softmax is the one nothing else in a decoding step calls
+KERNELS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_flash_attention_for_cpu": "flash",
+           "_scaled_dot_product_efficient_attention": "efficient", "_scaled_dot_product_cudnn_attention": "cudnn",
+           "_scaled_dot_product_fused_attention_overrideable": "fused", "_safe_softmax": "math"}
 
 
 def setup(args):
@@ -93,6 +107,21 @@ def runner(variant: str, args, tok, model, prompts, sampling, prefill):
     return run
 
 
+def restricted(run, backend: str):
+    """``run`` with scaled_dot_product_attention restricted to ``backend`` (``default``: torch's own choice)."""
+    if backend == "default":
+        return run
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def run_restricted(n: int):
+        with sdpa_kernel(chosen):
+            return run(n)
+    return run_restricted
+
+
 def timed(run, n: int, device: str) -> float:
     _sync(device)
     t0 = time.perf_counter()
@@ -101,8 +130,8 @@ def timed(run, n: int, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def dispatched(run, n: int) -> int:
-    """Operators dispatched while sampling n tokens."""
+def dispatched(run, n: int) -> Counter:
+    """Operators dispatched while sampling n tokens, by name."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -111,12 +140,21 @@ def dispatched(run, n: int) -> int:
             self.ops = Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket] += 1
+            self.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
     with Count() as c:
         run(n)
-    return sum(c.ops.values())
+    return c.ops
+
+
+def attention_kernels(ops: Counter) -> str:
+    """The attention backends among dispatched operators (per-step counts), e.g. ``flash:30``; ``-`` for none."""
+    found = Counter()
+    for name, count in ops.items():
+        if name in KERNELS:
+            found[KERNELS[name]] += count
+    return ",".join(f"{k}:{v:g}" for k, v in sorted(found.items())) or "-"
 
 
 def synchronisations(run, n: int) -> int:
@@ -131,6 +169,11 @@ def synchronisations(run, n: int) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def profile_name(variant: str) -> str:
+    """``ours@flash`` -> ``ours.flash.txt`` (file names without ``@``)."""
+    return variant.replace("@", ".") + ".txt"
 
 
 def profile(run, n: int, device: str, path: Path) -> None:
@@ -161,6 +204,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--sdpa", default="default", metavar="BACKENDS",
+                   help=f"attention backends to run each variant with, from {','.join(SDPA)} (default: torch's "
+                        "choice only)")
     p.add_argument("--bandwidth-gbs", type=float, default=None)
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="write a torch.profiler table of one --long run of each variant to DIR/<variant>.txt")
@@ -169,18 +215,30 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    backends = args.sdpa.split(",")
+    unknown = set(backends) - set(SDPA)
+    if unknown:
+        raise SystemExit(f"--sdpa: unknown {sorted(unknown)}; choose from {list(SDPA)}")
     if not 0 < args.short < args.long:
         raise SystemExit(f"need 0 < --short < --long; got --short {args.short}, --long {args.long}")
     check_model_arguments(args)
 
     tok, model, prompts, sampling, prefill = setup(args)
-    runs = {v: runner(v, args, tok, model, prompts, sampling, prefill) for v in variants}
+    base_runs = {v: runner(v, args, tok, model, prompts, sampling, prefill) for v in variants}
+    runs = {v if b == "default" else f"{v}@{b}": restricted(base_runs[v], b) for b in backends for v in variants}
     rows, steps = args.prompts * args.G, args.long - args.short
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G} "
           f"({rows} rows), fixed-length completions of {args.short} and {args.long} tokens, {args.repeats} repeats, "
           f"variants in turn\n")
-    for v in variants:  # warm-up: kernels, allocator, caches
-        runs[v](args.short)
+    for v in list(runs):  # warm-up: kernels, allocator, caches
+        try:
+            runs[v](args.short)
+        except RuntimeError as e:  # a restricted backend that cannot run these shapes or masks on this device
+            if "@" not in v:
+                raise
+            print(f"{v}: left out, the backend cannot run this attention here ({str(e).splitlines()[0]})")
+            del runs[v]
+    variants = list(runs)
     times: dict[str, dict[int, list[float]]] = {v: {args.short: [], args.long: []} for v in variants}
     for r in range(args.repeats):
         for v in variants if r % 2 == 0 else variants[::-1]:
@@ -190,17 +248,21 @@ def main() -> None:
     result = {}
     for v in variants:
         short, long = (statistics.median(times[v][n]) for n in (args.short, args.long))
-        ops = (dispatched(runs[v], args.long) - dispatched(runs[v], args.short)) / steps
+        ops = dispatched(runs[v], args.long)
+        ops.subtract(dispatched(runs[v], args.short))
+        per_step = Counter({k: c / steps for k, c in ops.items() if c})
         syncs = (synchronisations(runs[v], args.long) - synchronisations(runs[v], args.short)) / steps if cuda else None
-        result[v] = dict(step=(long - short) / steps, short=short, long=long, ops=ops, syncs=syncs)
+        result[v] = dict(step=(long - short) / steps, short=short, long=long, ops=sum(per_step.values()),
+                         syncs=syncs, attention=attention_kernels(per_step))
     base = result.get("hf", {}).get("step")
-    print(f"{'variant':<16} {'ms/step':>8} {'/ hf':>6} {'ops/step':>9} {'syncs/step':>10} "
-          f"{f'{args.short} tokens':>11} {f'{args.long} tokens':>11} {'tok/s':>8}")
+    width = max(16, *(len(v) + 1 for v in result))
+    print(f"{'variant':<{width}} {'ms/step':>8} {'/ hf':>6} {'ops/step':>9} {'syncs/step':>10} "
+          f"{f'{args.short} tokens':>11} {f'{args.long} tokens':>11} {'tok/s':>8}  attention/step")
     for v, r in result.items():
         ratio = f"{r['step'] / base:.2f}x" if base else "-"
         syncs = "-" if r["syncs"] is None else f"{r['syncs']:.1f}"
-        print(f"{v:<16} {1e3 * r['step']:8.2f} {ratio:>6} {r['ops']:9.0f} {syncs:>10} {r['short']:10.2f}s "
-              f"{r['long']:10.2f}s {rows * args.long / r['long']:8.0f}")
+        print(f"{v:<{width}} {1e3 * r['step']:8.2f} {ratio:>6} {r['ops']:9.0f} {syncs:>10} {r['short']:10.2f}s "
+              f"{r['long']:10.2f}s {rows * args.long / r['long']:8.0f}  {r['attention']}")
     if cuda:
         name, gbs = device_bandwidth(args)
         weights = weight_bytes(model)
@@ -211,8 +273,8 @@ def main() -> None:
         sys.stdout.flush()
         args.profile.mkdir(parents=True, exist_ok=True)
         for v in variants:
-            profile(runs[v], args.long, args.device, args.profile / f"{v}.txt")
-        print(f"\nprofiles: {', '.join(str(args.profile / f'{v}.txt') for v in variants)}")
+            profile(runs[v], args.long, args.device, args.profile / profile_name(v))
+        print(f"\nprofiles: {', '.join(str(args.profile / profile_name(v)) for v in variants)}")
 
 
 if __name__ == "__main__":

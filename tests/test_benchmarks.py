@@ -253,3 +253,26 @@ def test_generation_benchmark_on_the_tiny_model(tmp_path):
     assert all(not math.isnan(float(row[1])) and float(row[3]) > 50 for row in rows.values())
     for v in rows:
         assert "by self host time" in (tmp_path / f"{v}.txt").read_text()
+
+
+def test_generation_benchmark_names_the_attention_kernel_and_restricts_it(tmp_path):
+    """Each variant's decoding steps name the attention kernel torch dispatched to; ``--sdpa`` reruns the variants
+    with one backend only, and a backend the device lacks (cuDNN on CPU) is reported and left out."""
+    script = SCRIPT.parent / "generation.py"
+    r = subprocess.run([sys.executable, str(script), "--model", "tiny:llama", "--short", "2", "--long", "5",
+                        "--repeats", "1", "--prompts", "2", "--G", "2", "--variants", "hf,ours",
+                        "--sdpa", "default,math,cudnn", "--profile", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "hf@cudnn: left out, the backend cannot run this attention here" in r.stdout
+    assert "ours@cudnn: left out" in r.stdout
+    lines = r.stdout.split("\nvariant ")[1].splitlines()
+    assert lines[0].split()[-1] == "attention/step"
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip() and not line.startswith("profiles")}
+    assert set(rows) == {"hf", "ours", "hf@math", "ours@math"}
+    layers = 2  # the tiny model's: one attention call per layer per decoding step
+    assert rows["hf@math"][-1] == rows["ours@math"][-1] == f"math:{layers}"
+    chosen = {rows["hf"][-1], rows["ours"][-1]}  # torch's own choice on CPU: its flash kernel, not the math one
+    assert chosen == {f"flash:{layers}"}, chosen
+    for name in ("hf.txt", "ours.txt", "hf.math.txt", "ours.math.txt"):
+        assert "by self host time" in (tmp_path / name).read_text()
