@@ -162,8 +162,8 @@ def prefill_prompts(model: nn.Module, ids: Tensor, mask: Tensor, plan: PrefixPla
                     store.pop(next(iter(store)))
                 store[plan.prefixes] = _fork(cache)
         rows = [max(gi, 0) for gi in plan.row_group]  # rows without a group: masked out
-        select_rows(cache, rows)
         sel = to_device(rows, dev)
+        select_rows(cache, rows, sel)
         has = to_device([gi >= 0 for gi in plan.row_group], dev, mask.dtype)
         pre_ids, pre_mask = tok[sel], gmask[sel] * has[:, None]
     offset = torch.arange(big_s, device=dev)[None] - (big_s - to_device(suffix, dev))[:, None]  # <0: pad
@@ -180,12 +180,13 @@ def prefill_prompts(model: nn.Module, ids: Tensor, mask: Tensor, plan: PrefixPla
     return Prefill(cache, tree_ids, tree_mask, to_device(plan.lengths, dev), last)
 
 
-def select_rows(cache, rows: list[int]) -> None:
+def select_rows(cache, rows: list[int], index: Tensor) -> None:
     """``cache.batch_select_indices(rows)`` for row indices held on the host, with a backward that gives the same
     gradients every time: each run of equal indices is its row expanded (whose gradient is a sum over the run, in
     order) and the runs are concatenated. Indexing's backward instead adds the copies' gradients into the shared row
     with atomic adds across threads on CPU, in whatever order the threads reach them, so the last bits of the prompt
-    keys' and values' gradients changed from call to call. Layers of other kinds keep their own selection."""
+    keys' and values' gradients changed from call to call. Layers of other kinds keep their own selection, given
+    ``index`` (``rows`` as a tensor on the cache's device)."""
     runs = [(row, len(list(same))) for row, same in itertools.groupby(rows)]
 
     def pick(t: Tensor) -> Tensor:
@@ -193,15 +194,11 @@ def select_rows(cache, rows: list[int]) -> None:
 
     from transformers.cache_utils import DynamicLayer
 
-    index = None
     for layer in cache.layers:
-        if type(layer).batch_select_indices is DynamicLayer.batch_select_indices:
-            if layer.get_seq_length() > 0:
-                layer.keys, layer.values = pick(layer.keys), pick(layer.values)
-        else:
-            if index is None:
-                index = to_device(rows, layer.keys.device)
+        if type(layer).batch_select_indices is not DynamicLayer.batch_select_indices:
             layer.batch_select_indices(index)
+        elif layer.get_seq_length() > 0:
+            layer.keys, layer.values = pick(layer.keys), pick(layer.values)
 
 
 def cache_argument(model) -> str:

@@ -209,7 +209,7 @@ def test_rows_taken_from_a_shared_opening_get_the_same_gradients_every_time():
         k.grad = v.grad = None
         cache = DynamicCache()
         cache.update(k * 1, v * 1, 0)
-        select_rows(cache, rows)
+        select_rows(cache, rows, torch.tensor(rows))
         keys, values = cache.layers[0].keys, cache.layers[0].values
         assert torch.equal(keys, k.detach()[rows]) and torch.equal(values, v.detach()[rows])
         ((keys * g).sum() + (values * 2 * g).sum()).backward()
@@ -228,7 +228,7 @@ def test_rows_taken_from_a_shared_opening_get_the_same_gradients_every_time():
     cache = DynamicCache()
     cache.update(k.detach(), v.detach(), 0)
     cache.layers[0] = own = _adopt_into(OwnSelection(), cache.layers[0])
-    select_rows(cache, rows)
+    select_rows(cache, rows, torch.tensor(rows))
     assert own.selected == rows and own.keys.size(0) == 2  # its own selection ran, not ours
 
 
