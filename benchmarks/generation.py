@@ -54,7 +54,9 @@ from step_time import (  # noqa: E402
 OPTIONS = {"ours": {}, "ours_no_reserve": {"reserve_cache": False}, "ours_no_share": {"share_prompts": False},
            "ours_seeded": {"seed_per_prompt": True}}
 VARIANTS = ("hf", *OPTIONS)
-SDPA = ("default", "flash", "efficient", "cudnn", "math")  # --sdpa: torch's choice, or one SDPBackend
+# --sdpa: torch's own choice, or one torch.nn.attention.SDPBackend
+SDPA = {"default": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+        "math": "MATH"}
 # the operators scaled_dot_product_attention dispatches to, by backend; the math backend is a composite that reaches
 # the dispatcher as its parts, of which _safe_softmax is the one nothing else in a decoding step calls
 KERNELS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_flash_attention_for_cpu": "flash",
@@ -109,12 +111,11 @@ def runner(variant: str, args, tok, model, prompts, sampling, prefill):
 
 def restricted(run, backend: str):
     """``run`` with scaled_dot_product_attention restricted to ``backend`` (``default``: torch's own choice)."""
-    if backend == "default":
+    if SDPA[backend] is None:
         return run
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+    chosen = getattr(SDPBackend, SDPA[backend])
 
     def run_restricted(n: int):
         with sdpa_kernel(chosen):
@@ -225,7 +226,7 @@ def main() -> None:
 
     tok, model, prompts, sampling, prefill = setup(args)
     base_runs = {v: runner(v, args, tok, model, prompts, sampling, prefill) for v in variants}
-    runs = {v if b == "default" else f"{v}@{b}": restricted(base_runs[v], b) for b in backends for v in variants}
+    runs = {v if SDPA[b] is None else f"{v}@{b}": restricted(base_runs[v], b) for b in backends for v in variants}
     rows, steps = args.prompts * args.G, args.long - args.short
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G} "
           f"({rows} rows), fixed-length completions of {args.short} and {args.long} tokens, {args.repeats} repeats, "

@@ -199,6 +199,8 @@ def test_rows_taken_from_a_shared_opening_get_the_same_gradients_every_time():
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    from enigma_lightning.kvcache import _adopt
+
     torch.manual_seed(0)
     k = torch.randn(2, 3, 176, 64, requires_grad=True)
     v = torch.randn(2, 3, 176, 64, requires_grad=True)
@@ -227,11 +229,6 @@ def test_rows_taken_from_a_shared_opening_get_the_same_gradients_every_time():
 
     cache = DynamicCache()
     cache.update(k.detach(), v.detach(), 0)
-    cache.layers[0] = own = _adopt_into(OwnSelection(), cache.layers[0])
+    cache.layers[0] = own = _adopt(OwnSelection(), cache.layers[0])
     select_rows(cache, rows, torch.tensor(rows))
     assert own.selected == rows and own.keys.size(0) == 2  # its own selection ran, not ours
-
-
-def _adopt_into(new, layer):
-    vars(new).update(vars(layer))
-    return new
