@@ -52,7 +52,8 @@ from step_time import (  # noqa: E402
 )
 
 OPTIONS = {"ours": {}, "ours_no_reserve": {"reserve_cache": False}, "ours_no_share": {"share_prompts": False},
-           "ours_seeded": {"seed_per_prompt": True}}
+           "ours_seeded": {"seed_per_prompt": True}, "ours_exact_reserve": {}}
+GRANULARITY = {"ours_exact_reserve": 1}  # the in-place KV buffer sized to each batch exactly (kvcache.ReservedLayer)
 VARIANTS = ("hf", *OPTIONS)
 # --sdpa: torch's own choice, or one torch.nn.attention.SDPBackend
 SDPA = {"default": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -78,24 +79,30 @@ def setup(args):
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tempfile.mkdtemp()}"])
     template = instantiate(cfg.prompt)
-    prompts = [r["prompt"] for r in _prompts(args.prompts, template, tok, instantiate(cfg.principles).text)]
+    sets = args.prompt_sets
+    rows = [r["prompt"] for r in _prompts(args.prompts * sets, template, tok, instantiate(cfg.principles).text)]
     sampling = replace(instantiate(cfg.rollout), temperature=args.temperature)
-    return tok, model, prompts, sampling, template.prefill
+    return tok, model, [rows[i * args.prompts:(i + 1) * args.prompts] for i in range(sets)], sampling, template.prefill
 
 
-def runner(variant: str, args, tok, model, prompts, sampling, prefill):
-    """A function of n that samples G fixed-length completions of n tokens per prompt the variant's way."""
+def runner(variant: str, args, tok, model, prompt_sets, sampling, prefill):
+    """A function of n that samples G fixed-length completions of n tokens per prompt the variant's way, each call
+    for the next of ``prompt_sets`` (in turn), as training samples new prompts at every step."""
+    import itertools
+
     import torch
 
+    from enigma_lightning.kvcache import ReservedLayer
     from enigma_lightning.rollout import eos_token_ids, generate, row_seeds
 
+    batches = itertools.cycle(prompt_sets)
     if variant == "hf":  # as TRL: every row its whole left-padded prompt, transformers' sampling and cache
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = enc["input_ids"].repeat_interleave(args.G, 0).to(args.device)
-        mask = enc["attention_mask"].repeat_interleave(args.G, 0).to(args.device)
         eos = eos_token_ids(tok, model)
 
         def run(n: int):
+            enc = tok(next(batches), return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = enc["input_ids"].repeat_interleave(args.G, 0).to(args.device)
+            mask = enc["attention_mask"].repeat_interleave(args.G, 0).to(args.device)
             with torch.no_grad():
                 return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
                                       top_p=1.0, top_k=0, max_new_tokens=n, min_new_tokens=n, eos_token_id=eos,
@@ -103,9 +110,15 @@ def runner(variant: str, args, tok, model, prompts, sampling, prefill):
         return run
 
     def run(n: int):
+        prompts = next(batches)
         s = replace(sampling, max_new_tokens=n, min_new_tokens=n, **OPTIONS[variant])
         seeds = row_seeds(args.seed, 0, prompts, args.G) if s.seed_per_prompt else None
-        return generate(model, tok, prompts, args.G, s, prefill=prefill, seeds=seeds)
+        granularity = ReservedLayer.granularity
+        ReservedLayer.granularity = GRANULARITY.get(variant, granularity)
+        try:
+            return generate(model, tok, prompts, args.G, s, prefill=prefill, seeds=seeds)
+        finally:
+            ReservedLayer.granularity = granularity
     return run
 
 
@@ -202,6 +215,8 @@ def main() -> None:
     p.add_argument("--short", type=int, default=8, help="tokens of the short run (prefill + a few steps)")
     p.add_argument("--long", type=int, default=96, help="tokens of the long run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-sets", type=int, default=8,
+                   help="sets of --prompts prompts each variant's runs take in turn (1: the same prompts every run)")
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -220,17 +235,19 @@ def main() -> None:
     unknown = set(backends) - set(SDPA)
     if unknown:
         raise SystemExit(f"--sdpa: unknown {sorted(unknown)}; choose from {list(SDPA)}")
+    if args.prompt_sets < 1:
+        raise SystemExit(f"--prompt-sets must be at least 1; got {args.prompt_sets}")
     if not 0 < args.short < args.long:
         raise SystemExit(f"need 0 < --short < --long; got --short {args.short}, --long {args.long}")
     check_model_arguments(args)
 
-    tok, model, prompts, sampling, prefill = setup(args)
-    base_runs = {v: runner(v, args, tok, model, prompts, sampling, prefill) for v in variants}
+    tok, model, prompt_sets, sampling, prefill = setup(args)
+    base_runs = {v: runner(v, args, tok, model, prompt_sets, sampling, prefill) for v in variants}
     runs = {v if SDPA[b] is None else f"{v}@{b}": restricted(base_runs[v], b) for b in backends for v in variants}
     rows, steps = args.prompts * args.G, args.long - args.short
     print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G} "
           f"({rows} rows), fixed-length completions of {args.short} and {args.long} tokens, {args.repeats} repeats, "
-          f"variants in turn\n")
+          f"variants in turn, {args.prompt_sets} prompt set(s) taken in turn\n")
     for v in list(runs):  # warm-up: kernels, allocator, caches
         try:
             runs[v](args.short)

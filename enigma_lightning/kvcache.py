@@ -22,7 +22,15 @@ class ReservedLayer(DynamicLayer):
     """A ``DynamicLayer`` that keeps ``reserve`` tokens of room: an update that fits is written in place.
 
     ``keys``/``values`` are views of the buffer. Anything that replaces them (``crop``, ``batch_select_indices``,
-    ``reorder_cache``, ...) is picked up at the next update, which copies them into a new buffer."""
+    ``reorder_cache``, ...) is picked up at the next update, which copies them into a new buffer.
+
+    The buffer's length is rounded up to a multiple of ``granularity`` tokens, so that rollouts whose prompts differ
+    in length by a few tokens hand attention views of the same strides. cuDNN's attention (torch's first choice on
+    recent GPUs) builds an execution plan for each new combination of shapes and strides and caches it: a buffer
+    sized exactly to each batch's prompt length gave every decoding step of every rollout a new stride, so a new
+    plan."""
+
+    granularity = 64
 
     def __init__(self, reserve: int):
         super().__init__()
@@ -40,7 +48,7 @@ class ReservedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n, new = self.get_seq_length(), key_states.shape[-2]
         if self._buffers is None or self.keys is not self._view or n + new > self._buffers[0].shape[-2]:
-            size = n + new + self.reserve
+            size = -(-(n + new + self.reserve) // self.granularity) * self.granularity
             k = key_states.new_empty((*key_states.shape[:-2], size, key_states.shape[-1]))
             v = value_states.new_empty((*value_states.shape[:-2], size, value_states.shape[-1]))
             if n:

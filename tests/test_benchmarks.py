@@ -246,7 +246,7 @@ def test_generation_benchmark_on_the_tiny_model(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\nvariant ")[1].splitlines()
     rows = {line.split()[0]: line.split() for line in lines[1:] if line.strip() and not line.startswith("profiles")}
-    assert set(rows) == {"hf", "ours", "ours_no_reserve", "ours_no_share", "ours_seeded"}
+    assert set(rows) == {"hf", "ours", "ours_no_reserve", "ours_no_share", "ours_seeded", "ours_exact_reserve"}
     # times are printed, not checked (on a loaded machine a 4-token difference can even come out negative);
     # operators per decoding step are counted, so they are checked
     assert rows["hf"][2] == "1.00x"

@@ -19,7 +19,8 @@ def _steps(seed: int = 0):
         yield [torch.randn(3, 2, 1, 4, generator=g)]
 
 
-def test_reserved_layer_returns_what_concatenation_returns_and_writes_in_place():
+def test_reserved_layer_returns_what_concatenation_returns_and_writes_in_place(monkeypatch):
+    monkeypatch.setattr(ReservedLayer, "granularity", 1)  # the buffer exactly as long as asked
     plain, reserved = DynamicLayer(), ReservedLayer(reserve=4)
     buffers, steps = [], _steps()
     for states in [*next(steps), *(next(steps)[0] for _ in range(6))]:  # 9 updates: past the room reserved
@@ -31,6 +32,21 @@ def test_reserved_layer_returns_what_concatenation_returns_and_writes_in_place()
         assert k1.data_ptr() == buffers[-1]  # a view of the buffer, not a copy
     # room for 5 + 4 tokens after the prompt: updates 1-5 write into the first buffer, update 6 needs a new one
     assert len(set(buffers[:5])) == 1 and buffers[5] != buffers[4] and len(set(buffers[5:])) == 1
+
+
+def test_reserved_buffers_of_nearby_prompt_lengths_have_the_same_strides():
+    """Attention kernels that cache a plan per shape and strides (cuDNN's) see one stride for prompts of nearby
+    lengths, not one per length; the buffer keeps at least the room asked for."""
+    strides, sizes = set(), set()
+    for n in range(60, 64):  # prompts of 60-63 tokens, 8 tokens reserved
+        layer = ReservedLayer(reserve=8)
+        k, _ = layer.update(torch.zeros(2, 2, n, 4), torch.zeros(2, 2, n, 4))
+        strides.add(k.stride())
+        sizes.add(layer._buffers[0].shape[-2])
+    assert len(sizes) == 1 and len(strides) == 1
+    layer = ReservedLayer(reserve=8)
+    layer.update(torch.zeros(1, 1, 60, 4), torch.zeros(1, 1, 60, 4))
+    assert layer._buffers[0].shape[-2] >= 68 and layer._buffers[0].shape[-2] % ReservedLayer.granularity == 0
 
 
 def test_reserved_layer_picks_up_caches_replaced_from_outside():
