@@ -11,8 +11,12 @@
 Variants: ``hf`` (the prompts left-padded and repeated G times, ``model.generate`` sampling with a growing KV cache),
 ``ours`` (the rollout as training runs it: each distinct prompt and shared opening prefilled once, the KV cache
 written in place), ``ours_no_reserve`` (``rollout.reserve_cache=false``), ``ours_no_share``
-(``rollout.share_prompts=false``) and ``ours_seeded`` (``rollout.seed_per_prompt=true``: one random stream per
-completion). Each generates fixed-length completions (EOS suppressed) of ``--short`` and of ``--long`` tokens,
+(``rollout.share_prompts=false``), ``ours_seeded`` (``rollout.seed_per_prompt=true``: one random stream per
+completion) and ``ours_exact_reserve`` (the in-place KV buffer sized exactly to each batch, not rounded up to
+``kvcache.ReservedLayer.granularity`` tokens). Each run samples the next of ``--prompt-sets`` sets of prompts, as
+training samples new prompts at every step (attention kernels that cache a plan per shape, cuDNN's, then meet new
+shapes as they do in training; ``--prompt-sets 1`` repeats the same prompts).
+Each generates fixed-length completions (EOS suppressed) of ``--short`` and of ``--long`` tokens,
 ``--repeats`` times, the variants in turn within each repeat (the order reversed every other repeat). A decoding
 step's time is the difference of the two median times over the difference in tokens: the prompts' prefill drops
 out. Also per decoding step, from one more pair of runs: the operators dispatched (a device-independent measure of
