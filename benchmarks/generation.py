@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import (  # noqa: E402
-    _prompts,
+    _prompt_batches,
     _sync,
     add_model_arguments,
     check_model_arguments,
@@ -56,8 +56,8 @@ from step_time import (  # noqa: E402
 )
 
 OPTIONS = {"ours": {}, "ours_no_reserve": {"reserve_cache": False}, "ours_no_share": {"share_prompts": False},
-           "ours_seeded": {"seed_per_prompt": True}, "ours_exact_reserve": {}}
-GRANULARITY = {"ours_exact_reserve": 1}  # the in-place KV buffer sized to each batch exactly (kvcache.ReservedLayer)
+           "ours_seeded": {"seed_per_prompt": True},
+           "ours_exact_reserve": {"granularity": 1}}  # the in-place KV buffer sized exactly (kvcache.ReservedLayer)
 VARIANTS = ("hf", *OPTIONS)
 # --sdpa: torch's own choice, or one torch.nn.attention.SDPBackend
 SDPA = {"default": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
@@ -83,16 +83,17 @@ def setup(args):
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tempfile.mkdtemp()}"])
     template = instantiate(cfg.prompt)
-    sets = args.prompt_sets
-    rows = [r["prompt"] for r in _prompts(args.prompts * sets, template, tok, instantiate(cfg.principles).text)]
+    sets = [[r["prompt"] for r in batch] for batch in
+            _prompt_batches(args.prompt_sets, args.prompts, template, tok, instantiate(cfg.principles).text)]
     sampling = replace(instantiate(cfg.rollout), temperature=args.temperature)
-    return tok, model, [rows[i * args.prompts:(i + 1) * args.prompts] for i in range(sets)], sampling, template.prefill
+    return tok, model, sets, sampling, template.prefill
 
 
 def runner(variant: str, args, tok, model, prompt_sets, sampling, prefill):
     """A function of n that samples G fixed-length completions of n tokens per prompt the variant's way, each call
     for the next of ``prompt_sets`` (in turn), as training samples new prompts at every step."""
     import itertools
+    from unittest.mock import patch
 
     import torch
 
@@ -115,14 +116,12 @@ def runner(variant: str, args, tok, model, prompt_sets, sampling, prefill):
 
     def run(n: int):
         prompts = next(batches)
-        s = replace(sampling, max_new_tokens=n, min_new_tokens=n, **OPTIONS[variant])
+        options = dict(OPTIONS[variant])
+        granularity = options.pop("granularity", ReservedLayer.granularity)
+        s = replace(sampling, max_new_tokens=n, min_new_tokens=n, **options)
         seeds = row_seeds(args.seed, 0, prompts, args.G) if s.seed_per_prompt else None
-        granularity = ReservedLayer.granularity
-        ReservedLayer.granularity = GRANULARITY.get(variant, granularity)
-        try:
+        with patch.object(ReservedLayer, "granularity", granularity):
             return generate(model, tok, prompts, args.G, s, prefill=prefill, seeds=seeds)
-        finally:
-            ReservedLayer.granularity = granularity
     return run
 
 

@@ -175,6 +175,12 @@ def _prompts(n: int, template, tok, principles: str) -> list[dict]:
             for r in rows]
 
 
+def _prompt_batches(batches: int, size: int, template, tok, principles: str) -> list[list[dict]]:
+    """``batches`` consecutive batches of ``size`` prompt rows (each batch new prompts, as training steps take)."""
+    rows = _prompts(batches * size, template, tok, principles)
+    return [rows[i * size:(i + 1) * size] for i in range(batches)]
+
+
 def build_ours(args, config: str):
     """(module, optimiser, batches) for one configuration: every configuration gets the same prompts step by step."""
     import torch
@@ -212,8 +218,7 @@ def build_ours(args, config: str):
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     total = args.warmup + args.steps + args.flops
-    rows = _prompts(args.prompts * total, instantiate(cfg.prompt), module.tokenizer, module.principles.text)
-    chunks = (rows[i * args.prompts : (i + 1) * args.prompts] for i in range(total))
+    chunks = _prompt_batches(total, args.prompts, instantiate(cfg.prompt), module.tokenizer, module.principles.text)
     batches = [{"source": [r["source"] for r in c], "target": [r["target"] for r in c]} for c in chunks]
     return module, opt, batches
 
