@@ -11,13 +11,17 @@
 Every measurement runs in its own process (peak RSS is then its own). For each configuration (``grpo``,
 ``grpo+sami``, ``grpo+ot``, ``full``, ``full_stopgrad`` = ``full`` with ``sami.negatives_grad=false``, and
 ``full_encoder`` = ``full`` with ``sami.critic=encoder``) it runs ``--warmup`` untimed steps and ``--steps`` timed
-ones and prints, per phase (generation, reward scoring, reference forward, policy forward with SAMI's re-scoring,
-each loss term, backward, optimiser), the mean wall time and share of the step, completion tokens per second, and
-peak memory over the warm-up and timed steps (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and each
-timed step's time. ``--trl`` (default on) also runs TRL's GRPOTrainer (``pip install 'enigma-lightning[bench]'``)
-on the same weights, prompts (rendered by our template, fed to TRL as plain text), reward functions, G, completion
-length, sampling settings, loss type and importance-sampling level, and prints the ratio of our ``loss=grpo`` step
-time to TRL's, step by step, with its spread.
+ones and prints, per phase (generation, reward scoring, reference forward, policy forward, SAMI's re-scoring, each
+loss term, backward, optimiser), the mean wall time and share of the step, completion tokens per second, and peak
+memory over the warm-up and timed steps (RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU), and each timed
+step's time. SAMI's re-scoring (every completion under the principle variants that did not produce it) is timed
+apart with ``sami.negatives_grad=false`` (a no-grad forward of its own). Exact SAMI runs it in the policy forward
+and backward, one batch with GRPO's rows; its line then gives what those two phases take beyond the same
+configuration without SAMI (``loss=[grpo,ot]`` for ``full``, else ``loss=grpo``), when that ran too. ``--trl``
+(default on) also runs TRL's GRPOTrainer (``pip install 'enigma-lightning[bench]'``) on the same weights, prompts
+(rendered by our template, fed to TRL as plain text), reward functions, G, completion length, sampling settings, loss
+type and importance-sampling level, and prints the ratio of our ``loss=grpo`` step time to TRL's, step by step, with
+its spread.
 
 ``--model-shape`` builds a real architecture at random initialisation (no hub needed) and saves it with
 ``--tokenizer`` (default: the embedded SmolLM2's chat tokenizer, whose 49k tokens fit any of the shapes' vocabularies).
@@ -71,7 +75,10 @@ SHAPES = {  # real architectures, random weights (no hub needed)
                         max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5, head_dim=64),
 }
 BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM bandwidth of the SXM parts
-TRAINING_PHASES = ("reference", "policy_forward", "backward")  # the compute-bound phases (large matrix products)
+TRAINING_PHASES = ("reference", "policy_forward", "sami_rescoring", "backward")  # compute-bound (large matrix products)
+# exact SAMI re-scores the mismatched cells inside the policy forward and backward (one batch with GRPO's rows); its
+# cost is read against the configuration with the same terms but SAMI, where that ran too (else loss=grpo)
+WITHOUT_SAMI = {"grpo+sami": ("grpo",), "full": ("grpo+ot", "grpo")}
 
 
 def flop_counter():
@@ -480,6 +487,25 @@ def matmul_baseline(device: str, dtype: str) -> tuple[float, int]:
     return best
 
 
+def rescoring_cost(results: dict[str, dict], config: str) -> tuple[str, float, float | None] | None:
+    """Exact SAMI's re-scoring (``WITHOUT_SAMI``): (the configuration compared with, the extra seconds of policy
+    forward and backward per step, the extra counted FLOPs or None); None if neither comparison ran."""
+    base = next((b for b in WITHOUT_SAMI.get(config, ()) if b in results), None)
+    if base is None:
+        return None
+
+    def training(r: dict) -> float:
+        return statistics.mean(s["phases"]["policy_forward"] + s["phases"]["backward"] for s in r["steps"])
+
+    def counted(r: dict) -> float | None:
+        f = r.get("flops")
+        return f["phases"]["policy_forward"] + f["phases"]["backward"] if f else None
+
+    a, b = counted(results[config]), counted(results[base])
+    return base, training(results[config]) - training(results[base]), a - b if a is not None and b is not None \
+        else None
+
+
 def step_at_rate(step: float, times: dict[str, float], flops: dict[str, float], gflops: float) -> float:
     """The step time if each compute-bound phase (``TRAINING_PHASES``) ran its counted FLOPs at ``gflops`` (or at
     its own measured rate where that is faster), every other phase as measured."""
@@ -605,10 +631,17 @@ def main() -> None:
             print(f"    {ph:<15} {t:7.3f} s  {100 * t / mean_step:5.1f}%"
                   + (f"  {f / 1e9:9.2f} GFLOP  {f / t / 1e9:7.1f} GFLOP/s ({100 * f / t / 1e9 / rate:3.0f}% of the "
                      f"baseline)" if f > 0 and rate else ""))
+        if (cost := rescoring_cost(results, c)) is not None:
+            base_c, extra, extra_flops = cost
+            print(f"    sami_rescoring  {extra:7.3f} s  {100 * extra / mean_step:5.1f}%"
+                  + (f"  {extra_flops / 1e9:9.2f} GFLOP" if extra_flops is not None else "")
+                  + f"  (in policy_forward and backward above, batched with GRPO's rows: their excess over "
+                    f"loss={CONFIGS[base_c]}'s)")
         if c in floor:
             f = r["flops"]["step"]
             print(f"    counted: {f / 1e9:.1f} GFLOP per step, {f / mean_step / 1e9:.1f} GFLOP/s over the step; with "
-                  f"{', '.join(TRAINING_PHASES)} at the baseline rate: {floor[c]:.2f} s"
+                  f"{', '.join(ph for ph in TRAINING_PHASES if counted.get(ph, 0) > 0)} at the baseline rate: "
+                  f"{floor[c]:.2f} s"
                   + (f", {floor[c] / floor['grpo']:.2f}x loss=grpo's" if c != "grpo" and "grpo" in floor else ""))
         if c == "grpo" and (line := _bandwidth_bound(args, r)):
             print(line)

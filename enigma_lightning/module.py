@@ -31,7 +31,7 @@ from .principles import PrincipleSet
 from .prompts import PromptTemplate
 from .rewards import RewardModel, answers_match, extract_answer, is_strict
 from .rollout import SamplingConfig, generate, per_token_logps, row_seeds
-from .scoring import sami_scores, sami_scores_stopgrad
+from .scoring import rescore_mismatched, sami_scores
 
 FROZEN_PREFIXES = ("reference.", "encoder.")
 
@@ -137,10 +137,19 @@ class EnigmaModule(L.LightningModule):
             num_generations=num_generations or self.per_prompt, shared_prompt=True, compute_logps=compute_logps,
             prefixes=self._prefixes(ro), prefix_store=prefix_store, overwrite_logits=self.overwrite_logits)
 
-    def _sami_forward(self, ro) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """GRPO's log-probs and hidden states, and SAMI's K x K scores per question (:mod:`.scoring`)."""
-        score = sami_scores if self.sami.negatives_grad else sami_scores_stopgrad
-        return score(partial(self._forward, self.policy), ro, self.grpo.num_generations, self.num_variants)
+    def _sami_forward(self, ro, timings: dict[str, float] | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """GRPO's log-probs and hidden states, and SAMI's K x K scores per question (:mod:`.scoring`). Exact SAMI
+        scores every cell in GRPO's forward (one batch); with ``sami.negatives_grad=false`` the mismatched cells take
+        a forward of their own, whose time goes to ``timings["sami_rescoring"]``."""
+        forward, g, k = partial(self._forward, self.policy), self.grpo.num_generations, self.num_variants
+        if self.sami.negatives_grad:
+            return sami_scores(forward, ro, g, k)
+        logps, hidden = forward(ro)
+        t0 = self._clock()
+        scores = rescore_mismatched(forward, ro, g, k, logps)
+        if timings is not None:
+            timings["sami_rescoring"] = self._clock() - t0
+        return logps, hidden, scores
 
     def _reference_forward(self, ro):
         """One reference forward serves the KL (log-probs, only when ``grpo.beta != 0``) and OT (hidden states).
@@ -223,12 +232,12 @@ class EnigmaModule(L.LightningModule):
         extras: dict[str, Any] = {"max_completion_length": self.sampling.max_new_tokens, "step": self.global_step,
                                   "ref_hidden": buf["ref_hidden"],
                                   "num_questions": ro.prompt_ids.size(0) // self.grpo.num_generations}
-        t0 = self._clock()
+        t0, sami_timing = self._clock(), {}
         if self.sami is not None and self.sami.critic == "logprob":  # the forward also re-scores for SAMI
-            logps, hidden, extras["sami_scores"] = self._sami_forward(ro)
+            logps, hidden, extras["sami_scores"] = self._sami_forward(ro, sami_timing)
         else:
             logps, hidden = self._forward(self.policy, ro)
-        forward_time = self._clock() - t0
+        forward_time = self._clock() - t0 - sami_timing.get("sami_rescoring", 0.0)
         if self.sami is not None and self.sami.critic == "encoder":
             extras["variant_embeddings"] = self.variant_embeddings
         extras["hidden"] = hidden
@@ -240,7 +249,8 @@ class EnigmaModule(L.LightningModule):
         # a reused rollout (grpo.num_iterations > 1) costs nothing this step
         self.last_timings = {"generation": buf["gen_time"] if fresh else 0.0,
                              "reward": buf["reward_time"] if fresh else 0.0,
-                             "reference": buf["ref_time"] if fresh else 0.0, "policy_forward": forward_time}
+                             "reference": buf["ref_time"] if fresh else 0.0, "policy_forward": forward_time,
+                             **sami_timing}
         for name, term in self.terms.items():
             t0 = self._clock()
             loss, term_metrics = term(inputs)

@@ -3,9 +3,9 @@
 A rollout's rows are ordered (question q, variant i, r < m): completion j = i * m + r of question q was sampled
 under variant i, G = K * m per question. ``forward(ro, rows=(prompt rows, completion rows), num_generations=n,
 hidden=...)`` is the module's policy forward over paired rows (each prompt row repeated n times in a row, the
-distinct prompts in the rollout's order). Both functions return GRPO's log-probs [B, T] and hidden states (rows in
-the rollout's order) and SAMI's scores [Q, i', i, r]: the mean token log-prob of completion (i, r) under variant
-i''s prompt.
+distinct prompts in the rollout's order). SAMI's scores [Q, i', i, r] are the mean token log-prob of completion
+(i, r) under variant i''s prompt: :func:`sami_scores` (exact) computes them in GRPO's forward, one batch over every
+cell; :func:`rescore_mismatched` (stop-gradient negatives) from GRPO's log-probs and a no-grad forward of its own.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ def sami_scores(forward: Forward, ro, g: int, k: int) -> tuple[Tensor, dict, Ten
     return logps[diag], {layer: h[diag] for layer, h in hidden.items()}, scores
 
 
-def sami_scores_stopgrad(forward: Forward, ro, g: int, k: int) -> tuple[Tensor, dict, Tensor]:
-    """``sami.negatives_grad=false``: GRPO's forward (with gradient) gives the matched cells; the mismatched cells
-    (completion j under a variant that did not produce it) come from a no-grad forward."""
+def rescore_mismatched(forward: Forward, ro, g: int, k: int, logps: Tensor) -> Tensor:
+    """``sami.negatives_grad=false``: SAMI's scores [Q, i', i, r] from GRPO's log-probs ``logps`` (rows (q, j), prompt
+    = j's own variant: the matched cells, with their gradient) and one no-grad forward over the mismatched cells
+    (completion j under a variant that did not produce it), which carry no gradient."""
     m, dev = g // k, ro.completion_ids.device
     q = ro.prompt_ids.size(0) // g
-    logps, hidden = forward(ro)  # rows (q, j): prompt = j's own variant
     matched = _mean_logp(logps, ro.completion_mask).view(q, g)
     own = torch.arange(g, device=dev) // m  # variant of completion j
     # rows (q, i', j) with i' != own(j), grouped by (q, i'): each group shares variant i''s prompt
@@ -58,5 +58,4 @@ def sami_scores_stopgrad(forward: Forward, ro, g: int, k: int) -> tuple[Tensor, 
         qi, ii, ji = (to_device(x, dev) for x in zip(*cells, strict=True))
         off[qi, ii, ji] = _mean_logp(off_logps, ro.completion_mask[c_rows])
     is_own = own[None, None, :] == torch.arange(k, device=dev)[None, :, None]  # [1, K, G]
-    scores = torch.where(is_own, matched[:, None, :], off).view(q, k, k, m)  # [Q, i', i, r]
-    return logps, hidden, scores
+    return torch.where(is_own, matched[:, None, :], off).view(q, k, k, m)  # [Q, i', i, r]

@@ -46,6 +46,10 @@ def test_step_time_against_trl_on_the_tiny_model():
         assert "    counted: " in block and "at the baseline rate: " in block
     full = out.split("loss=full: step")[1]  # the OT term's reference forward, counted too
     assert any(line.startswith("    reference") and "GFLOP/s" in line for line in full.splitlines())
+    # exact SAMI's re-scoring: what the policy forward and backward take beyond loss=grpo's (twice the rows: more)
+    rescoring = next(line for line in full.splitlines() if line.startswith("    sami_rescoring"))
+    assert "excess over loss=grpo's" in rescoring and float(rescoring.split("%")[1].split("GFLOP")[0]) > 0
+    assert "    sami_rescoring" not in out.split("loss=full: step")[0]
 
 
 def test_step_time_of_the_cheaper_sami_settings_in_rounds():
@@ -57,6 +61,10 @@ def test_step_time_of_the_cheaper_sami_settings_in_rounds():
     assert "GFLOP" not in out and "counted step" not in out
     for label in ("loss=full sami.negatives_grad=false: step", "loss=full sami.critic=encoder: step"):
         assert label in out, label
+    stopgrad, encoder = (out.split(label)[1].split("\nloss=")[0] for label in (
+        "sami.negatives_grad=false: step", "sami.critic=encoder: step"))
+    assert "    sami_rescoring " in stopgrad and "excess" not in stopgrad  # timed apart: its own forward
+    assert "    sami_rescoring" not in encoder  # the encoder critic re-scores nothing
     assert "TRL" not in out and "1 timed steps per process, 2 rounds" in out
     for block in out.split("steps (s)")[1:]:  # every configuration: one step from each of the two rounds
         assert len(block.splitlines()[0].split(", ")) == 2

@@ -97,10 +97,13 @@ def test_stop_gradient_negatives_same_scores_gradient_only_through_matched_cells
     dm = instantiate(cfg.data)
     dm.setup()
     ro = module._new_rollout(next(iter(dm.train_dataloader())))["ro"]
-    logps, _, exact = module._sami_forward(ro)
+    timings = {}
+    logps, _, exact = module._sami_forward(ro, timings)
+    assert timings == {}  # exact: the re-scoring is part of the policy forward, not timed apart
     module.sami.negatives_grad = False
     module.overwrite_logits = False  # two backward passes below
-    logps_sg, _, scores = module._sami_forward(ro)
+    logps_sg, _, scores = module._sami_forward(ro, timings)
+    assert set(timings) == {"sami_rescoring"} and timings["sami_rescoring"] > 0  # its own no-grad forward
     torch.testing.assert_close(scores, exact, rtol=1e-4, atol=1e-5)  # the same loss value
     torch.testing.assert_close(logps_sg, logps, rtol=1e-4, atol=1e-5)
     own = torch.eye(2, dtype=torch.bool)[None, :, :, None].expand_as(scores)  # [Q, i', i, r]: i' == i
