@@ -628,6 +628,8 @@ def main() -> None:
         counted = r["flops"]["phases"] if r.get("flops") else {}
         for ph, t in mean_phases(r).items():
             f = counted.get(ph, 0.0)
+            if t == 0.0 and not f:  # a phase this configuration does not have (loss=grpo's reference forward)
+                continue
             print(f"    {ph:<15} {t:7.3f} s  {100 * t / mean_step:5.1f}%"
                   + (f"  {f / 1e9:9.2f} GFLOP  {f / t / 1e9:7.1f} GFLOP/s ({100 * f / t / 1e9 / rate:3.0f}% of the "
                      f"baseline)" if f > 0 and rate else ""))

@@ -50,6 +50,7 @@ def test_step_time_against_trl_on_the_tiny_model():
     rescoring = next(line for line in full.splitlines() if line.startswith("    sami_rescoring"))
     assert "excess over loss=grpo's" in rescoring and float(rescoring.split("%")[1].split("GFLOP")[0]) > 0
     assert "    sami_rescoring" not in out.split("loss=full: step")[0]
+    assert "    reference" not in out.split("loss=full: step")[0]  # loss=grpo runs no reference forward
 
 
 def test_step_time_of_the_cheaper_sami_settings_in_rounds():
