@@ -487,23 +487,25 @@ def matmul_baseline(device: str, dtype: str) -> tuple[float, int]:
     return best
 
 
+def mean_phases(r: dict) -> dict[str, float]:
+    """A configuration's mean time per phase over its timed steps."""
+    return {ph: statistics.mean(s["phases"][ph] for s in r["steps"]) for ph in r["steps"][0]["phases"]}
+
+
 def rescoring_cost(results: dict[str, dict], config: str) -> tuple[str, float, float | None] | None:
     """Exact SAMI's re-scoring (``WITHOUT_SAMI``): (the configuration compared with, the extra seconds of policy
     forward and backward per step, the extra counted FLOPs or None); None if neither comparison ran."""
     base = next((b for b in WITHOUT_SAMI.get(config, ()) if b in results), None)
     if base is None:
         return None
-
-    def training(r: dict) -> float:
-        return statistics.mean(s["phases"]["policy_forward"] + s["phases"]["backward"] for s in r["steps"])
-
-    def counted(r: dict) -> float | None:
-        f = r.get("flops")
-        return f["phases"]["policy_forward"] + f["phases"]["backward"] if f else None
-
-    a, b = counted(results[config]), counted(results[base])
-    return base, training(results[config]) - training(results[base]), a - b if a is not None and b is not None \
-        else None
+    a, b = results[config], results[base]
+    times = [mean_phases(r) for r in (a, b)]
+    extra = sum(times[0][ph] - times[1][ph] for ph in ("policy_forward", "backward"))
+    extra_flops = None
+    if a.get("flops") and b.get("flops"):
+        fa, fb = a["flops"]["phases"], b["flops"]["phases"]
+        extra_flops = sum(fa[ph] - fb[ph] for ph in ("policy_forward", "backward"))
+    return base, extra, extra_flops
 
 
 def step_at_rate(step: float, times: dict[str, float], flops: dict[str, float], gflops: float) -> float:
@@ -603,9 +605,6 @@ def main() -> None:
         rate, n = matmul_baseline(args.device, args.dtype)
         print(f"matmul baseline: {rate:.1f} GFLOP/s ({n} x {n} x {n} {args.dtype} product, the fastest of those "
               f"measured); FLOPs below are matrix products and attention, counted in one more step\n")
-
-    def mean_phases(r: dict) -> dict[str, float]:
-        return {ph: statistics.mean(s["phases"][ph] for s in r["steps"]) for ph in r["steps"][0]["phases"]}
 
     floor = {c: step_at_rate(statistics.mean(s["step"] for s in r["steps"]), mean_phases(r), r["flops"]["phases"],
                              rate) for c, r in results.items() if rate and r.get("flops")}
