@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (default), `nox -s lint`, `nox -s train -- <overrides>`.
+"""Sessions: `nox -s tests` (default), `nox -s lint`, `nox -s compat` (the tests on the oldest and the newest supported
+transformers), `nox -s train -- <overrides>`.
 
 Each session installs the project into its own virtualenv: torch first (2.13.0, the release we test against; pip
 takes the CPU build where one is on local disk), the project with its extras, then the pretrained weights that
@@ -11,6 +12,8 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 TORCH = "torch==2.13.0"
+# the ends of the transformers range pyproject.toml declares (transformers>=5.16.1,<5.25)
+TRANSFORMERS = {"oldest": "transformers==5.16.1", "newest": "transformers==5.24.0"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
@@ -21,15 +24,27 @@ def install(session: nox.Session, extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite, offline (add `-- -m slow` for the slow tests)."""
+    """The layering contract, then the test suite, offline (add `-- -m slow` for the slow tests)."""
     install(session, "test")
+    session.run("lint-imports")
+    session.run("pytest", *session.posargs, env=OFFLINE)
+
+
+@nox.session
+@nox.parametrize("end", list(TRANSFORMERS))
+def compat(session: nox.Session, end: str) -> None:
+    """The test suite on one end of the supported transformers range: `nox -s "compat(end='oldest')"`."""
+    install(session, "test")
+    session.install(TORCH, TRANSFORMERS[end])
+    session.run("python", "-c", "import transformers; print('transformers', transformers.__version__)")
     session.run("pytest", *session.posargs, env=OFFLINE)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    session.install("ruff>=0.6", "import-linter>=2.1", "-e", ".", TORCH)
     session.run("ruff", "check", "enigma_lightning", "tests", "benchmarks", "noxfile.py")
+    session.run("lint-imports")
 
 
 @nox.session

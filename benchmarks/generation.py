@@ -1,4 +1,4 @@
-"""Sampling speed per decoding step: our rollout (``enigma_lightning.rollout.generate``) against transformers' plain
+"""Sampling speed per decoding step: our rollout (``enigma_lightning.rollout.hf.generate``) against transformers' plain
 ``generate`` called as TRL's GRPOTrainer calls it, and our rollout with each of its options changed in turn.
 
     python benchmarks/generation.py                                # CPU: embedded SmolLM2, 4 prompts x G=4
@@ -75,7 +75,7 @@ def setup(args):
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
+    from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokenizer
 
     spec = ModelSpec(name_or_path=materialise_model(args), dtype=args.dtype)
     torch.manual_seed(args.seed)
@@ -97,8 +97,10 @@ def runner(variant: str, args, tok, model, prompt_sets, sampling, prefill):
 
     import torch
 
-    from enigma_lightning.kvcache import ReservedLayer
-    from enigma_lightning.rollout import eos_token_ids, generate, row_seeds
+    from enigma_lightning.models.compat import ReservedLayer
+    from enigma_lightning.rollout.batch import eos_token_ids
+    from enigma_lightning.rollout.hf import generate
+    from enigma_lightning.rollout.sampling import row_seeds
 
     batches = itertools.cycle(prompt_sets)
     if variant == "hf":  # as TRL: every row its whole left-padded prompt, transformers' sampling and cache

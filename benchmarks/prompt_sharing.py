@@ -24,8 +24,9 @@ def measure(args: argparse.Namespace) -> dict:
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
-    from enigma_lightning.rollout import generate, per_token_logps
+    from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokenizer
+    from enigma_lightning.rollout.hf import generate
+    from enigma_lightning.rollout.logprobs import per_token_logps
 
     torch.manual_seed(0)
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
@@ -34,7 +35,7 @@ def measure(args: argparse.Namespace) -> dict:
     tok, model = load_tokenizer(spec), load_policy(spec)
     prompt, principles, sampling = instantiate(cfg.prompt), instantiate(cfg.principles), instantiate(cfg.rollout)
     sampling.max_new_tokens = args.max_new_tokens
-    rows = [r["source"] for r in __import__("enigma_lightning.bundled", fromlist=["x"]).generate("eval")[: args.prompts]]
+    rows = [r["source"] for r in __import__("enigma_lightning.data.bundled", fromlist=["x"]).generate("eval")[: args.prompts]]
     ro = generate(model, tok, [prompt.render(tok, q, principles.text) for q in rows], args.g, sampling,
                   prefill=prompt.prefill)
     g = 1 if args.variant == "plain" else args.g

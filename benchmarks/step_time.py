@@ -60,7 +60,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from enigma_lightning.allocator import MODES as CPU_MALLOC_MODES
+from enigma_lightning.runtime.allocator import MODES as CPU_MALLOC_MODES
 
 CONFIGS = {"grpo": "grpo", "grpo+sami": "[grpo,sami]", "grpo+ot": "[grpo,ot]", "full": "full",
            "full_stopgrad": "full", "full_encoder": "full"}
@@ -75,7 +75,7 @@ SHAPES = {  # real architectures, random weights (no hub needed)
                         max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5, head_dim=64),
 }
 BANDWIDTH_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # HBM bandwidth of the SXM parts
-TRAINING_PHASES = ("reference", "policy_forward", "sami_rescoring", "backward")  # compute-bound (large matrix products)
+TRAINING_PHASES = ("reference", "policy_forward", "sami_prepare", "backward")  # compute-bound (large matrix products)
 # exact SAMI re-scores the mismatched cells inside the policy forward and backward (one batch with GRPO's rows); its
 # cost is read against the configuration with the same terms but SAMI, where that ran too (else loss=grpo)
 WITHOUT_SAMI = {"grpo+sami": ("grpo",), "full": ("grpo+ot", "grpo")}
@@ -149,12 +149,12 @@ def _sync(device: str) -> None:
 def materialise_model(args) -> str:
     """A model folder both frameworks load: the embedded default, a given folder, or a real shape at random init."""
     if not args.model_shape:
-        from enigma_lightning.models import ModelSpec
+        from enigma_lightning.models.loading import ModelSpec
 
         return ModelSpec(name_or_path=args.model).resolved_path()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from enigma_lightning.models import ModelSpec
+    from enigma_lightning.models.loading import ModelSpec
 
     tokenizer = args.tokenizer or ModelSpec(name_or_path="embedded:smollm2-135m-instruct").resolved_path()
     tag = "" if args.tokenizer is None else "-" + hashlib.sha1(args.tokenizer.encode()).hexdigest()[:8]
@@ -175,7 +175,7 @@ def materialise_model(args) -> str:
 
 
 def _prompts(n: int, template, tok, principles: str) -> list[dict]:
-    from enigma_lightning.bundled import generate
+    from enigma_lightning.data.bundled import generate
 
     rows = generate("train")[:n]
     return [{"prompt": template.render(tok, r["source"], principles), "source": r["source"], "target": r["target"]}
@@ -194,12 +194,12 @@ def build_ours(args, config: str):
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
 
-    from enigma_lightning import allocator
-    from enigma_lightning.train import build_module
+    from enigma_lightning.commands.train import build_module
+    from enigma_lightning.runtime import allocator
 
     loss = CONFIGS[config]
     overrides = [f"paths.output_dir={tempfile.mkdtemp()}", "model=hf", f"model.name_or_path={args.model_dir}",
-                 f"model.dtype={args.dtype}", f"loss={loss}", f"grpo.num_generations={args.G}",
+                 f"model.dtype={args.dtype}", f"loss={loss}", f"step.num_generations={args.G}",
                  f"data.batch_size={args.prompts * args.G}", f"rollout.max_new_tokens={args.max_new_tokens}",
                  f"rollout.min_new_tokens={args.max_new_tokens if args.fixed_length else 0}",
                  f"rollout.temperature={args.temperature}", f"grpo.loss_type={args.loss_type}",
@@ -217,7 +217,7 @@ def build_ours(args, config: str):
     overrides += args.override  # the user's, last: they win
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    if args.device == "cpu":  # as training does (enigma_lightning.allocator); TRL's: --trl-cpu-malloc
+    if args.device == "cpu":  # as training does (enigma_lightning.runtime.allocator); TRL's: --trl-cpu-malloc
         allocator.configure(cfg.cpu_malloc)
     torch.manual_seed(args.seed)
     module = build_module(cfg).to(args.device)
@@ -307,9 +307,9 @@ def run_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from enigma_lightning import allocator
-    from enigma_lightning.prompts import PromptTemplate
+    from enigma_lightning.data.prompts import PromptTemplate
     from enigma_lightning.rewards import gated_correctness_reward, xml_format_reward
+    from enigma_lightning.runtime import allocator
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     template = PromptTemplate(**{k: v for k, v in yaml.safe_load((conf / "prompt/xml_cot.yaml").read_text()).items()
@@ -428,7 +428,7 @@ def _bandwidth_bound(args, result: dict) -> str:
     name, gbs = device_bandwidth(args)
     if gbs is None:
         return f"  (no bandwidth figure for {name}; pass --bandwidth-gbs)"
-    from enigma_lightning.models import ModelSpec, load_policy
+    from enigma_lightning.models.loading import ModelSpec, load_policy
 
     weights = weight_bytes(load_policy(ModelSpec(name_or_path=materialise_model(args), dtype=args.dtype)))
     rows = args.prompts * args.G
@@ -548,7 +548,7 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="with --gradient-checkpointing: our model.checkpoint_every_n_layers (ours only: needs --no-trl)")
     p.add_argument("--cpu-malloc", default="reuse", choices=CPU_MALLOC_MODES,
-                   help="our cpu_malloc setting (enigma_lightning.allocator; training's default is reuse)")
+                   help="our cpu_malloc setting (enigma_lightning.runtime.allocator; training's default is reuse)")
     p.add_argument("--trl-cpu-malloc", default="system", choices=CPU_MALLOC_MODES,
                    help="the same setting for TRL's process (system: glibc's defaults, as TRL runs)")
     p.add_argument("--reserve-cache", action=argparse.BooleanOptionalAction, default=True,

@@ -28,6 +28,6 @@ def make_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_dir():
-    from enigma_lightning.tiny import build_tiny_llama
+    from enigma_lightning.models.tiny import build_tiny_llama
 
     return build_tiny_llama()

@@ -63,3 +63,27 @@ def wandb_offline_run(run_dir):
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
     return group, config
+
+
+def configured(group_key: str, *overrides: str, **kwargs):
+    """The object a config node builds (``ot``, ``sami``, ``grpo``, ``rollout``, ``step``, ...), with its defaults from
+    the YAML (the one place they live), ``overrides`` on the command line's syntax and ``kwargs`` passed through."""
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    loss = {"ot": ["loss=[grpo,ot]"], "sami": ["loss=[grpo,sami]"]}.get(group_key, [])
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*loss, *overrides, "paths.output_dir=/tmp/unused"])
+    return instantiate(cfg[group_key], **kwargs)
+
+
+def step_batch(mask, logps=None, **fields):
+    """A StepBatch of B = mask rows (one question, G = B, K = 1) with zero ids and advantages."""
+    import torch
+
+    from enigma_lightning.losses.base import Layout, StepBatch
+
+    b, t = mask.shape
+    logps = torch.zeros(b, t) if logps is None else logps
+    return StepBatch(torch.zeros(b, 1), torch.ones(b, 1), torch.zeros(b, t), mask, mask, torch.zeros(b), logps,
+                     Layout(1, 1, b), **fields)

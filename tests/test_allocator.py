@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from enigma_lightning import allocator
-from enigma_lightning.validate import config_problems
+from enigma_lightning.runtime import allocator
+from enigma_lightning.runtime.validate import config_problems
 
 CHECK = """
 import sys, torch
-from enigma_lightning import allocator
+from enigma_lightning.runtime import allocator
 applied = allocator.configure(sys.argv[1])
 for _ in range(2):  # a tensor freed and allocated again: the second one must not be a new mapping either
     before = allocator.mmapped_bytes()

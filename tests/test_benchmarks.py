@@ -64,7 +64,7 @@ def test_step_time_of_the_cheaper_sami_settings_in_rounds():
         assert label in out, label
     stopgrad, encoder = (out.split(label)[1].split("\nloss=")[0] for label in (
         "sami.negatives_grad=false: step", "sami.critic=encoder: step"))
-    assert "    sami_rescoring " in stopgrad and "excess" not in stopgrad  # timed apart: its own forward
+    assert "    sami_prepare " in stopgrad and "excess" not in stopgrad  # timed apart: its own forward
     assert "    sami_rescoring" not in encoder  # the encoder critic re-scores nothing
     assert "TRL" not in out and "1 timed steps per process, 2 rounds" in out
     for block in out.split("steps (s)")[1:]:  # every configuration: one step from each of the two rounds
@@ -219,7 +219,7 @@ def test_model_shape_takes_a_tokenizer_that_fits_its_vocabulary(monkeypatch, tmp
 
     from transformers import AutoTokenizer
 
-    from enigma_lightning.models import ModelSpec
+    from enigma_lightning.models.loading import ModelSpec
 
     step_time = _step_time_module()
     tok_dir = ModelSpec(name_or_path="tiny:llama").resolved_path()

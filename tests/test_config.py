@@ -4,11 +4,11 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from enigma_lightning.cli import config_options, rewrite_model_override
 from enigma_lightning.errors import ConfigError
-from enigma_lightning.validate import config_problems, validate
+from enigma_lightning.runtime.cli import config_options, rewrite_model_override
+from enigma_lightning.runtime.validate import config_problems, validate
 
-GROUPS = ["model", "peft", "encoder", "data", "principles", "prompt", "loss", "grpo", "rollout", "reward", "optim",
+GROUPS = ["model", "peft", "encoder", "data", "principles", "prompt", "loss", "step", "rollout", "reward", "optim",
           "trainer", "logger", "callbacks", "hydra", "paths", "experiment", "debug"]
 NEEDS_VALUE = {"model=hf": ["model.name_or_path=/tmp"], "data=local": ["data.path=/tmp/x.jsonl"]}
 
@@ -21,12 +21,12 @@ def test_every_option_composes(make_cfg, group):
         override = f"{group}=[grpo,{option}]" if group == "loss" and option != "grpo" else f"{group}={option}"
         cfg = make_cfg(override, *NEEDS_VALUE.get(override, []))
         OmegaConf.resolve(cfg)  # every interpolation resolves
-        assert "grpo" in cfg.loss
+        assert cfg.loss.grpo
 
 
 def test_cheap_nodes_instantiate(make_cfg):
     cfg = make_cfg()
-    for key in ("grpo", "rollout", "reward", "prompt", "principles", "data"):
+    for key in ("grpo", "step", "rollout", "reward", "prompt", "principles", "data"):
         assert instantiate(cfg[key]) is not None
     for option in config_options("principles"):
         ps = instantiate(make_cfg(f"principles={option}").principles)
@@ -57,14 +57,14 @@ def test_default_config_is_valid(make_cfg):
 
 
 def test_all_problems_reported_at_once(make_cfg, tmp_path):
-    cfg = make_cfg("grpo.num_generations=1", "grpo.loss_type=ppo", "rollout.temperature=0",
-                   f"data.path={tmp_path}/missing.jsonl", "+loss.bogus.weight=1.0", "trainer.max_steps=0",
+    cfg = make_cfg("step.num_generations=1", "grpo.loss_type=ppo", "rollout.temperature=0",
+                   f"data.path={tmp_path}/missing.jsonl", "+loss.bogus=true", "trainer.max_steps=0",
                    f"ckpt_path={tmp_path}/none.ckpt", "+reward.weights.typo=1.0")
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     msg = str(e.value)
-    for needle in ["grpo.num_generations must be >= 2", "Set grpo.num_generations=4", "grpo.loss_type must be one of",
-                   "rollout.temperature must be > 0", "missing.jsonl' does not exist", "loss.bogus is not a loss term",
+    for needle in ["step.num_generations must be >= 2", "Set step.num_generations=4", "grpo.loss_type must be one of",
+                   "rollout.temperature must be > 0", "missing.jsonl' does not exist", "loss.bogus is selected but `bogus` has no _target_",
                    "trainer.max_steps must be >= 1", "ckpt_path: file", "reward.weights.typo"]:
         assert needle in msg, needle
     assert len(e.value.problems) == 8
@@ -72,13 +72,13 @@ def test_all_problems_reported_at_once(make_cfg, tmp_path):
 
 def test_loss_without_grpo_names_the_fix(make_cfg):
     assert config_problems(make_cfg("loss=ot")) == [
-        "loss must include the grpo term (it drives the rollout); got ['ot']. Use loss=[grpo,ot]"]
+        "loss must include the grpo term; got ['ot']. Use loss=[grpo,ot]"]
 
 
 def test_batch_must_be_divisible_by_group(make_cfg):
-    problems = config_problems(make_cfg("data.batch_size=10", "grpo.num_generations=4"))
+    problems = config_problems(make_cfg("data.batch_size=10", "step.num_generations=4"))
     assert problems == ["data.batch_size counts completions per step and must be a positive multiple of "
-                        "grpo.num_generations=4; got 10. Set data.batch_size=8"]
+                        "step.num_generations=4; got 10. Set data.batch_size=8"]
 
 
 def test_model_override_accepts_hub_ids_and_folders():
@@ -91,6 +91,14 @@ def test_model_override_accepts_hub_ids_and_folders():
 def test_bad_config_exits_with_message(tmp_path):
     from helpers import run_cli
 
-    r = run_cli("enigma_lightning.train", "experiment=smoke", "grpo.num_generations=1", f"hydra.run.dir={tmp_path}")
+    r = run_cli("enigma_lightning.train", "experiment=smoke", "step.num_generations=1", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2
-    assert "grpo.num_generations must be >= 2" in r.stderr and "Traceback" not in r.stderr
+    assert "step.num_generations must be >= 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_moved_keys_name_their_new_place():
+    from enigma_lightning.runtime.cli import moved_keys
+
+    assert moved_keys(["grpo.num_generations=8", "grpo.beta=0.1"]) == [
+        "grpo.num_generations is now step.num_generations (the group a step learns from, conf/step/): set "
+        "step.num_generations=8"]

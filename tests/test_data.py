@@ -4,8 +4,14 @@ import json
 
 import pytest
 
-from enigma_lightning import bundled
-from enigma_lightning.data import CoTDataModule, StepBatchSampler, bundled_path, check_rows, load_rows
+from enigma_lightning.data import bundled
+from enigma_lightning.data.datasets import (
+    CoTDataModule,
+    StepBatchSampler,
+    bundled_path,
+    check_rows,
+    load_rows,
+)
 from enigma_lightning.errors import DataError
 from enigma_lightning.rewards import answers_match
 

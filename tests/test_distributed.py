@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from enigma_lightning.data import StepBatchSampler
+from enigma_lightning.data.datasets import StepBatchSampler
 
 SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true"]
 # SGD, not Adam: Adam's step is about lr * sign(grad) where a gradient is near zero, so float rounding in the
@@ -27,7 +27,8 @@ def test_step_batches_split_whole_prompts_across_ranks():
 def test_per_completion_seeds_do_not_depend_on_the_batch(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from enigma_lightning.rollout import SamplingConfig, generate, row_seeds
+    from enigma_lightning.rollout.hf import generate
+    from enigma_lightning.rollout.sampling import SamplingConfig, row_seeds
 
     tok = AutoTokenizer.from_pretrained(tiny_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -45,7 +46,7 @@ def test_per_completion_seeds_do_not_depend_on_the_batch(tiny_dir):
 def test_the_sampler_draws_from_the_softmax_with_or_without_seeds():
     """One draw per row by the inverse CDF: the frequencies match softmax(scores) (the -inf token never comes up),
     seeded rows repeat their draws and differ from one another, and unseeded ones follow torch's global stream."""
-    from enigma_lightning.rollout import InverseCdfSampler
+    from enigma_lightning.rollout.sampling import InverseCdfSampler
 
     logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -3.0, float("-inf")]]).repeat(40000, 1)
     probs = torch.softmax(logits[0], -1)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from enigma_lightning.benchmarks import Benchmark, Item, choice_letter, score
+from enigma_lightning.data.evalsets import Benchmark, Item, choice_letter, score
+from enigma_lightning.data.prompts import format_completion
 from enigma_lightning.errors import EnigmaError
-from enigma_lightning.prompts import format_completion
 
 # on a random tiny model the format reward is constant; a length reward gives GRPO a signal, so the policy moves
 SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true"]
@@ -77,7 +77,7 @@ def trained_run(tmp_path_factory):
     """A 4-step smoke run on the tiny model, with the probe callback on."""
     from hydra import compose, initialize_config_module
 
-    from enigma_lightning.train import run
+    from enigma_lightning.commands.train import run
 
     out = tmp_path_factory.mktemp("trained") / "run"
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
@@ -107,7 +107,7 @@ def test_probe_callback_during_training(trained_run):
 
 
 def test_checkpoint_and_exported_policy_load_the_same_weights(trained_run):
-    from enigma_lightning.checkpoints import load_policy_from, merge_run_config
+    from enigma_lightning.runtime.checkpoints import load_policy_from, merge_run_config
 
     def cfg(ckpt):
         return merge_run_config(_compose("evaluate", "model=tiny", "paths.output_dir=unused", f"ckpt_path={ckpt}"))
@@ -121,7 +121,7 @@ def test_checkpoint_and_exported_policy_load_the_same_weights(trained_run):
 
 
 def test_evaluate_end_to_end_on_a_checkpoint(trained_run, tmp_path):
-    from enigma_lightning.evaluate import run
+    from enigma_lightning.commands.evaluate import run
 
     out = tmp_path / "eval"
     cfg = _compose("evaluate", f"ckpt_path={trained_run / 'checkpoints/last.ckpt'}", "benchmark.bundled.limit=6",
@@ -162,9 +162,9 @@ def test_probe_cli_on_a_checkpoint(trained_run, tmp_path):
 def test_lora_checkpoint_and_adapter_folder_load_merged(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from enigma_lightning.checkpoints import load_policy_from, merge_run_config
-    from enigma_lightning.tiny import build_tiny_llama
-    from enigma_lightning.train import run
+    from enigma_lightning.commands.train import run
+    from enigma_lightning.models.tiny import build_tiny_llama
+    from enigma_lightning.runtime.checkpoints import load_policy_from, merge_run_config
 
     out = tmp_path / "lora"
     run(_compose("train", f"paths.output_dir={out}", "experiment=smoke", "trainer.max_steps=2", "peft=lora",

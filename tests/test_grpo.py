@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from enigma_lightning.losses.grpo import group_advantages, grpo_loss, nanstd
+from enigma_lightning.losses.grpo import grpo_loss
+from enigma_lightning.metrics.stats import nanstd
+from enigma_lightning.step.group import group_advantages
 
 
 def test_advantages_hand_derived():

@@ -6,10 +6,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from enigma_lightning.kvcache import ReadOnlyLayer, ReservedLayer, read_only
-from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
-from enigma_lightning.prompts import PromptTemplate
-from enigma_lightning.rollout import SamplingConfig, generate, row_seeds
+from enigma_lightning.data.prompts import PromptTemplate
+from enigma_lightning.models.compat import ReadOnlyLayer, ReservedLayer, read_only
+from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokenizer
+from enigma_lightning.rollout.hf import generate
+from enigma_lightning.rollout.sampling import SamplingConfig, row_seeds
 
 
 def _steps(seed: int = 0):
@@ -91,7 +92,7 @@ def test_generation_samples_the_same_tokens_with_the_reserved_cache(tiny, monkey
     template = PromptTemplate(system="{principles} Think step by step and answer in the format asked, always.")
     prompts = [template.render(tok, q, v) for q in ("What is 2 + 2?", "Hi there")
                for v in ("Be clear and honest.", "Be vague, never show any steps at all.")]
-    from enigma_lightning import rollout
+    from enigma_lightning.rollout import hf as rollout
 
     updates, prefills = [], []
     real, real_prefill = ReservedLayer.update, rollout.prefill_prompts

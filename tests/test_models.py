@@ -3,16 +3,13 @@
 import pytest
 import torch
 
-from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
-from enigma_lightning.prompts import PromptTemplate
-from enigma_lightning.rollout import (
-    SamplingConfig,
-    checkpointing,
-    completion_mask_from_eos,
-    generate,
-    per_token_logps,
-    selective_log_softmax,
-)
+from enigma_lightning.data.prompts import PromptTemplate
+from enigma_lightning.models.compat import checkpointing
+from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokenizer
+from enigma_lightning.rollout.batch import completion_mask_from_eos
+from enigma_lightning.rollout.hf import generate
+from enigma_lightning.rollout.logprobs import per_token_logps, selective_log_softmax
+from enigma_lightning.rollout.sampling import SamplingConfig
 
 
 def test_completion_mask_up_to_first_eos():
@@ -85,7 +82,7 @@ def test_embedded_smollm2_loads_and_answers():
 
 
 def test_minilm_encoder_is_frozen_and_semantic():
-    from enigma_lightning.encoder import PrincipleEncoder
+    from enigma_lightning.models.encoder import PrincipleEncoder
 
     enc = PrincipleEncoder()
     e = enc.encode(["Be honest about uncertainty.", "Admit when you are not sure.", "The cat sat on the mat."])
@@ -108,7 +105,7 @@ def test_checkpointing_falls_back_to_releases_before_activation_checkpointing_en
     from types import SimpleNamespace
 
     from enigma_lightning.errors import EnigmaError
-    from enigma_lightning.models import enable_checkpointing
+    from enigma_lightning.models.compat import enable_checkpointing
 
     class Older(torch.nn.Module):  # the method as releases without every_n_layers define it
         def __init__(self):
@@ -241,7 +238,7 @@ def test_checkpointing_reads_the_flag_through_a_lora_wrapper_by_its_current_name
 
     from peft import LoraConfig
 
-    from enigma_lightning.models import apply_lora
+    from enigma_lightning.models.loading import apply_lora
 
     for on in (False, True):
         base = load_policy(ModelSpec(name_or_path=str(tiny_dir), gradient_checkpointing=on))

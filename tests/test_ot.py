@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import configured, step_batch
 
-from enigma_lightning.losses.base import StepInputs
-from enigma_lightning.losses.ot import OTLoss, completion_points, normalize_clouds, sinkhorn_divergence
+from enigma_lightning.losses.ot import completion_points, normalize_clouds, sinkhorn_divergence
 
 
 def log_domain_sinkhorn_divergence(x, y, eps, iters=5000):
@@ -69,13 +69,11 @@ def test_bf16_autocast_runs_in_float32():
 
 
 def _inputs(hidden, ref_hidden, mask):
-    b, t = mask.shape
-    return StepInputs(torch.zeros(b, 1), torch.ones(b, 1), torch.zeros(b, t), mask, torch.zeros(b), torch.zeros(b, t),
-                      extras={"hidden": {-1: hidden}, "ref_hidden": {-1: ref_hidden}, "step": 0})
+    return step_batch(mask, hidden={-1: hidden}, ref_hidden={-1: ref_hidden})
 
 
 def test_degenerate_inputs():
-    term = OTLoss()
+    term = configured("ot")
     h = torch.randn(2, 5, 8)
     loss, m = term(_inputs(h, h, torch.zeros(2, 5, dtype=torch.long)))  # every completion masked
     assert loss.item() == 0.0 and m["degenerate"].item() == 1.0 and m["points"].item() == 0
@@ -84,7 +82,7 @@ def test_degenerate_inputs():
     loss, m = term(_inputs(h, h + 1, one))  # a single point
     assert math.isfinite(loss.item()) and m["points"].item() == 1
     same = torch.ones(1, 6, 8)  # identical points in both clouds
-    loss, _ = OTLoss(normalize="standardize")(_inputs(same, same, torch.ones(1, 6, dtype=torch.long)))
+    loss, _ = configured("ot", "ot.normalize=standardize")(_inputs(same, same, torch.ones(1, 6, dtype=torch.long)))
     assert abs(loss.item()) < 1e-5
 
 
@@ -97,13 +95,13 @@ def test_points_pooling_normalisation_and_subsampling():
     torch.testing.assert_close(y.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     x, _ = normalize_clouds(torch.randn(5, 3), torch.randn(5, 3), "l2")
     torch.testing.assert_close(x.norm(dim=-1), torch.ones(5))
-    _, m = OTLoss(max_points=7)(_inputs(torch.randn(4, 5, 8), torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.long)))
+    _, m = configured("ot", "ot.max_points=7")(_inputs(torch.randn(4, 5, 8), torch.randn(4, 5, 8), torch.ones(4, 5, dtype=torch.long)))
     assert m["points"].item() == 7
 
 
 # ---- inside training --------------------------------------------------------------------------------------------
 def test_loss_grpo_ot_composes_and_trains(make_cfg, tmp_path):
-    from enigma_lightning.train import run
+    from enigma_lightning.commands.train import run
 
     out = tmp_path / "run"
     summary = run(make_cfg("experiment=smoke", "loss=[grpo,ot]", "ot.epsilon=0.1", out=out))
@@ -114,7 +112,7 @@ def test_loss_grpo_ot_composes_and_trains(make_cfg, tmp_path):
 
 
 def _perturbed_module(make_cfg, *overrides):
-    from enigma_lightning.train import build_module
+    from enigma_lightning.commands.train import build_module
 
     module = build_module(make_cfg("experiment=smoke", "loss=[grpo,ot]", "ot.normalize=none", *overrides))
     with torch.no_grad():  # move the policy away from the reference; the format reward is constant on this model

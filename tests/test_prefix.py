@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from enigma_lightning.models import ModelSpec, load_policy, load_tokenizer
-from enigma_lightning.prefix import PrefixPlan, cache_argument, prefill_prompts, select_rows
-from enigma_lightning.prompts import PromptTemplate
-from enigma_lightning.rollout import SamplingConfig, generate, per_token_logps
+from enigma_lightning.data.prompts import PromptTemplate
+from enigma_lightning.models.compat import cache_argument, select_rows
+from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokenizer
+from enigma_lightning.rollout.hf import generate
+from enigma_lightning.rollout.logprobs import per_token_logps
+from enigma_lightning.rollout.prefix import PrefixPlan, prefill_prompts
+from enigma_lightning.rollout.sampling import SamplingConfig
 
 QUESTIONS = ("What is 2 + 2?", "Hi", "Name three colours of the rainbow, please")
 VARIANTS = ("Be clear, careful and honest in every step.", "Be vague and evasive; never show any of the steps.")
@@ -67,12 +70,12 @@ def test_generation_through_shared_prefixes_equals_plain_generation(tiny, monkey
     sampling = SamplingConfig(max_new_tokens=12, seed_per_prompt=True)
     shared = generate(model, tok, prompts, 1, sampling, greedy=True)
     assert len(shared.prefixes.groups) == 2  # one per principle variant
-    from enigma_lightning import rollout
+    from enigma_lightning.rollout import hf as rollout
 
     calls = []
     real = rollout.prefill_prompts
     monkeypatch.setattr(rollout, "prefill_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
-    from enigma_lightning.rollout import row_seeds
+    from enigma_lightning.rollout.sampling import row_seeds
 
     sampled = generate(model, tok, prompts, 3, sampling, seeds=row_seeds(0, 1, prompts, 3))
     assert calls
@@ -91,8 +94,8 @@ def test_share_prompts_off_runs_every_row_and_samples_the_same(tiny, monkeypatch
     completion, samples what the shared path samples."""
     tok, model = tiny
     prompts = _prompts(tok)
-    from enigma_lightning import rollout
-    from enigma_lightning.rollout import row_seeds
+    from enigma_lightning.rollout import hf as rollout
+    from enigma_lightning.rollout.sampling import row_seeds
 
     seeds = row_seeds(0, 1, prompts, 3)
     on = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10, seed_per_prompt=True), seeds=seeds)
@@ -199,7 +202,7 @@ def test_rows_taken_from_a_shared_opening_get_the_same_gradients_every_time():
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    from enigma_lightning.kvcache import _adopt
+    from enigma_lightning.models.compat import _adopt
 
     torch.manual_seed(0)
     k = torch.randn(2, 3, 176, 64, requires_grad=True)

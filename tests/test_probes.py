@@ -74,7 +74,7 @@ def test_cosine_and_shift():
 def tiny_models(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from enigma_lightning.prompts import PromptTemplate
+    from enigma_lightning.data.prompts import PromptTemplate
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
@@ -86,8 +86,8 @@ def tiny_models(tiny_dir):
 
 
 def test_compare_a_model_with_itself_and_with_a_moved_copy(tiny_models):
-    from enigma_lightning.principles import PrincipleSet
-    from enigma_lightning.probe import compare, probe_texts
+    from enigma_lightning.commands.probe import compare, probe_texts
+    from enigma_lightning.data.principles import PrincipleSet
 
     tok, ref, moved, prompt = tiny_models
     texts = probe_texts(tok, prompt, PrincipleSet("p", "Be careful.", antithesis="Be careless."), num_questions=4)
@@ -110,8 +110,8 @@ def test_compare_a_model_with_itself_and_with_a_moved_copy(tiny_models):
 
 
 def test_write_outputs(tmp_path, tiny_models):
-    from enigma_lightning.principles import PrincipleSet
-    from enigma_lightning.probe import compare, probe_texts, write_outputs
+    from enigma_lightning.commands.probe import compare, probe_texts, write_outputs
+    from enigma_lightning.data.principles import PrincipleSet
 
     tok, ref, moved, prompt = tiny_models
     texts = probe_texts(tok, prompt, PrincipleSet("p", "Be careful."), num_questions=2)

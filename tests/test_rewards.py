@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from enigma_lightning.prompts import format_completion
+from enigma_lightning.data.prompts import format_completion
 from enigma_lightning.rewards import (
     RewardModel,
     answers_match,

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from helpers import run_cli
 from hydra.utils import instantiate
 
+from enigma_lightning.commands.si import summarize
 from enigma_lightning.metrics.infonce import infonce_metrics, symmetric_infonce
-from enigma_lightning.rollout import per_token_logps
-from enigma_lightning.si import summarize
+from enigma_lightning.rollout.logprobs import per_token_logps
 
 
 def sami_loss_by_hand(s):
@@ -54,14 +54,20 @@ def test_si_is_one_for_identifying_and_zero_for_uniform():
 
 
 def _module(make_cfg, *overrides):
-    from enigma_lightning.train import build_module
+    from enigma_lightning.commands.train import build_module
 
     cfg = make_cfg("experiment=smoke", *overrides)
     return build_module(cfg), cfg
 
 
+def _scores(module, step):
+    """SAMI's scores [Q, i' (prompt variant), i (completion variant), r] from the term's matrices [Q * m, K, K]."""
+    k, m = step.layout.num_variants, step.layout.per_variant
+    return module.terms["sami"].matrices(step).view(-1, m, k, k).permute(0, 2, 3, 1)
+
+
 def test_rollout_under_k_variants_and_logprob_matrix_equals_slow_scoring(make_cfg):
-    module, cfg = _module(make_cfg, "loss=[grpo,sami]", "grpo.num_generations=4", "sami.num_variants=2")
+    module, cfg = _module(make_cfg, "loss=[grpo,sami]", "step.num_generations=4", "sami.num_variants=2")
     assert module.variants == [module.principles.text, module.principles.antithesis] and module.per_prompt == 2
     dm = instantiate(cfg.data)
     dm.setup()
@@ -73,7 +79,8 @@ def test_rollout_under_k_variants_and_logprob_matrix_equals_slow_scoring(make_cf
     prompts = module.render(batch["source"], module.variants)
     assert module.principles.antithesis.strip().splitlines()[0] in prompts[1]  # (question 0, variant 1)
     with torch.no_grad():
-        logps, _, scores = module._sami_forward(ro)
+        step = module.step_batch(buf, {})
+        logps, scores = step.logps, _scores(module, step)
         plain, _ = per_token_logps(module.policy, ro.prompt_ids, ro.prompt_mask, ro.completion_ids,
                                    ro.completion_mask, module.sampling.temperature)
     mask = ro.completion_mask.bool()
@@ -93,17 +100,20 @@ def test_rollout_under_k_variants_and_logprob_matrix_equals_slow_scoring(make_cf
 
 
 def test_stop_gradient_negatives_same_scores_gradient_only_through_matched_cells(make_cfg):
-    module, cfg = _module(make_cfg, "loss=[grpo,sami]", "grpo.num_generations=4", "sami.num_variants=2")
+    module, cfg = _module(make_cfg, "loss=[grpo,sami]", "step.num_generations=4", "sami.num_variants=2")
     dm = instantiate(cfg.data)
     dm.setup()
-    ro = module._new_rollout(next(iter(dm.train_dataloader())))["ro"]
+    buf = module._new_rollout(next(iter(dm.train_dataloader())))
     timings = {}
-    logps, _, exact = module._sami_forward(ro, timings)
-    assert timings == {}  # exact: the re-scoring is part of the policy forward, not timed apart
-    module.sami.negatives_grad = False
+    step = module.step_batch(buf, timings)
+    logps, exact = step.logps, _scores(module, step)
+    assert set(timings) == {"policy_forward"}  # exact: the re-scoring is part of the policy forward, not timed apart
+    module.terms["sami"].negatives_grad = False
     module.overwrite_logits = False  # two backward passes below
-    logps_sg, _, scores = module._sami_forward(ro, timings)
-    assert set(timings) == {"sami_rescoring"} and timings["sami_rescoring"] > 0  # its own no-grad forward
+    timings = {}
+    step = module.step_batch(buf, timings)
+    logps_sg, scores = step.logps, _scores(module, step)
+    assert set(timings) == {"policy_forward", "sami_prepare"} and timings["sami_prepare"] > 0  # its own no-grad forward
     torch.testing.assert_close(scores, exact, rtol=1e-4, atol=1e-5)  # the same loss value
     torch.testing.assert_close(logps_sg, logps, rtol=1e-4, atol=1e-5)
     own = torch.eye(2, dtype=torch.bool)[None, :, :, None].expand_as(scores)  # [Q, i', i, r]: i' == i
@@ -115,24 +125,24 @@ def test_stop_gradient_negatives_same_scores_gradient_only_through_matched_cells
 
 def test_encoder_critic_trains_projection_and_nothing_frozen(make_cfg, tmp_path):
     module, cfg = _module(make_cfg, "loss=[grpo,sami]", "sami.critic=encoder")
-    proj0 = module.sami.projection.weight.detach().clone()
+    proj0 = module.terms["sami"].projection.weight.detach().clone()
     enc0 = {k: v.clone() for k, v in module.encoder.state_dict().items()}
     trainable = {id(p) for p in module.trainable_parameters()}
-    assert id(module.sami.projection.weight) in trainable
+    assert id(module.terms["sami"].projection.weight) in trainable
     assert not any(id(p) in trainable for p in module.encoder.parameters())
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=instantiate(cfg.data))
-    assert not torch.equal(module.sami.projection.weight, proj0)
+    assert not torch.equal(module.terms["sami"].projection.weight, proj0)
     assert all(torch.equal(v, enc0[k]) for k, v in module.encoder.state_dict().items())
     assert 0 <= trainer.callback_metrics["train/sami/acc_row"] <= 1
     ckpt_keys = module.state_dict().keys()
-    assert "term_modules.sami.projection.weight" in ckpt_keys
+    assert "terms.sami.projection.weight" in ckpt_keys
 
 
 @pytest.mark.parametrize("loss", ["[grpo,sami]", "full"])
 def test_sami_losses_compose_and_train(make_cfg, tmp_path, loss):
-    from enigma_lightning.train import run
+    from enigma_lightning.commands.train import run
 
     summary = run(make_cfg("experiment=smoke", f"loss={loss}", out=tmp_path / "run"))
     final = summary["final"]
@@ -144,14 +154,14 @@ def test_sami_losses_compose_and_train(make_cfg, tmp_path, loss):
 
 
 def test_sami_config_errors(make_cfg):
-    from enigma_lightning.validate import config_problems
+    from enigma_lightning.runtime.validate import config_problems
 
     problems = config_problems(make_cfg("loss=[grpo,sami]", "sami.num_variants=3", "principles=default"))
     assert problems == ["sami.num_variants=3 but principles=default has 2 variants (text, antithesis, variants). "
                         "Set sami.num_variants=2 or add principles.variants"]
     problems = config_problems(make_cfg("loss=[grpo,sami]", "sami.num_variants=3", "principles=high_si"))
-    assert problems == ["grpo.num_generations=4 must be a multiple of sami.num_variants=3 (each variant gets G / K "
-                        "completions). Set grpo.num_generations=3"]
+    assert problems == ["step.num_generations=4 must be a multiple of sami.num_variants=3 (each variant gets G / K "
+                        "completions). Set step.num_generations=3"]
 
 
 def test_si_command_offline_on_tiny_model(tmp_path):
@@ -178,7 +188,7 @@ def test_si_multirun_writes_the_ranking(tmp_path):
 def test_sami_projection_saved_once(make_cfg):
     module, _ = _module(make_cfg, "loss=[grpo,sami]", "sami.critic=encoder")
     keys = [k for k in module.state_dict() if "projection" in k]
-    assert keys == ["term_modules.sami.projection.weight", "term_modules.sami.projection.bias"]
+    assert keys == ["terms.sami.projection.weight", "terms.sami.projection.bias"]
 
 
 @pytest.mark.parametrize("loss", ["grpo", "[grpo,sami]"])
@@ -187,7 +197,7 @@ def test_step_after_rollout_reads_nothing_back_from_the_device(make_cfg, monkeyp
     ``bool``/``int``/``float`` of a tensor, ``torch.equal``): on a GPU the step does not wait for the device.
     (Generation and reward scoring must, to decode text; so does the OT term, whose cloud size is data-dependent.)
     The rollout is made beforehand; the watch is on calls made from the package's own files."""
-    module, cfg = _module(make_cfg, f"loss={loss}", "grpo.num_generations=4", "grpo.beta=0.04")
+    module, cfg = _module(make_cfg, f"loss={loss}", "step.num_generations=4", "grpo.beta=0.04")
     dm = instantiate(cfg.data)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))

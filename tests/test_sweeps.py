@@ -7,21 +7,21 @@ import json
 import pytest
 from hydra import compose, initialize_config_module
 
-from enigma_lightning.report import report
+from enigma_lightning.commands.report import report
 
 
 def test_failed_job_is_reported_and_a_rerun_skips_finished_jobs(tmp_path):
     from helpers import run_cli
 
     sweep = tmp_path / "sweep"
-    args = ["--multirun", "experiment=smoke", "grpo.num_generations=4,3", "trainer.max_steps=1",
+    args = ["--multirun", "experiment=smoke", "step.num_generations=4,3", "trainer.max_steps=1",
             "callbacks.checkpoint=null", f"hydra.sweep.dir={sweep}"]
     r = run_cli("enigma_lightning.train", *args)
     assert r.returncode != 0 and "1 of 2 jobs did not finish" in r.stderr, r.stderr[-3000:]
     with open(sweep / "report.csv") as f:
         rows = {row["job"]: row for row in csv.DictReader(f)}
-    assert rows["0"]["status"] == "finished" and rows["0"]["grpo.num_generations"] == "4"
-    assert rows["1"]["status"] == "failed" and "grpo.num_generations=3" in rows["1"]["error"]
+    assert rows["0"]["status"] == "finished" and rows["0"]["step.num_generations"] == "4"
+    assert rows["1"]["status"] == "failed" and "step.num_generations=3" in rows["1"]["error"]
     assert "data.batch_size" in (sweep / "1" / "error.txt").read_text()
     assert "Jobs that did not finish" in (sweep / "report.md").read_text()
     mtime = (sweep / "0" / "summary.json").stat().st_mtime
@@ -106,8 +106,8 @@ def test_ablation_preset_sweeps_the_loss_terms():
 
 
 def test_dashboard_names_metrics_that_a_full_run_logs(make_cfg, tmp_path):
-    from enigma_lightning.dashboard import LAYOUT, build, describe
-    from enigma_lightning.train import run
+    from enigma_lightning.commands.dashboard import LAYOUT, build, describe
+    from enigma_lightning.commands.train import run
 
     out = tmp_path / "run"
     run(make_cfg("experiment=smoke", "loss=full", "grpo.beta=0.04", "trainer.max_steps=2", "callbacks=probes",

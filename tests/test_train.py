@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from enigma_lightning.train import run
+from enigma_lightning.commands.train import run
 
 # On a random tiny model the format reward is constant; a length reward gives GRPO a signal.
 SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true"]
@@ -20,7 +20,7 @@ def _metrics(out):
 
 
 def test_smoke_outputs(make_cfg, tmp_path, monkeypatch):
-    from enigma_lightning import allocator
+    from enigma_lightning.runtime import allocator
 
     modes = []
     monkeypatch.setattr(allocator, "configure", modes.append)
@@ -42,7 +42,7 @@ def test_smoke_outputs(make_cfg, tmp_path, monkeypatch):
 
 
 def test_policy_trains_reference_and_encoder_do_not(make_cfg, tmp_path):
-    from enigma_lightning.train import build_module
+    from enigma_lightning.commands.train import build_module
 
     cfg = make_cfg("experiment=smoke", "grpo.beta=0.04", *SIGNAL)
     module = build_module(cfg)
@@ -124,7 +124,7 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path):
 
 def test_num_iterations_reuses_rollout(make_cfg, tmp_path):
     out = tmp_path / "run"
-    run(make_cfg("experiment=smoke", "grpo.num_iterations=2", "grpo.importance_sampling_level=token",
+    run(make_cfg("experiment=smoke", "step.num_iterations=2", "grpo.importance_sampling_level=token",
                  "grpo.epsilon=0.2", "grpo.epsilon_high=0.2", "optim.optimizer.lr=1e-2", *SIGNAL, out=out))
     rows = _metrics(out)
     # steps 0/1 share a rollout (same rewards), as do 2/3; step 1's ratio moved off 1, so clipping can occur
@@ -145,7 +145,7 @@ def test_lora_trains_adapter_only(make_cfg, tmp_path):
     pytest.importorskip("peft")
     from hydra.utils import instantiate
 
-    from enigma_lightning.train import build_module
+    from enigma_lightning.commands.train import build_module
 
     cfg = make_cfg("experiment=smoke", "peft=lora", "peft.target_modules=[q_proj,v_proj]", "grpo.beta=0.04", *SIGNAL)
     module = build_module(cfg)
@@ -164,7 +164,7 @@ def test_hub_path_with_local_folders_through_the_cli(tiny_dir, tmp_path):
 
     from helpers import run_cli
 
-    from enigma_lightning.data import bundled_path
+    from enigma_lightning.data.datasets import bundled_path
 
     data = tmp_path / "cot_collection_like"
     data.mkdir()

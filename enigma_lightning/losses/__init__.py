@@ -1,7 +1,7 @@
-"""Loss terms. Each term is selected through the ``loss`` config group and configured by its own group
-(``grpo``, later ``sami``, ``ot``); the module sums ``weight * loss`` over the selected terms."""
+"""Loss terms: pure tensor functions and the thin :class:`~.base.LossTerm` wrappers the step sums. A term is one
+module here plus one YAML file in ``conf/loss/`` (the contract: :mod:`.base`)."""
 
-from .base import LossTerm, StepInputs
-from .grpo import GRPOLoss, group_advantages, grpo_loss, nanstd
+from .base import Forward, Layout, LossTerm, Needs, ScoredRows, StepBatch
+from .grpo import GRPOLoss, grpo_loss
 
-__all__ = ["LossTerm", "StepInputs", "GRPOLoss", "grpo_loss", "group_advantages", "nanstd"]
+__all__ = ["Forward", "GRPOLoss", "Layout", "LossTerm", "Needs", "ScoredRows", "StepBatch", "grpo_loss"]

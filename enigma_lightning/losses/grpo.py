@@ -1,4 +1,5 @@
-"""GRPO: group-relative advantages and the clipped surrogate, numerically equal to TRL's ``GRPOTrainer``.
+"""GRPO's clipped surrogate and KL, numerically equal to TRL's ``GRPOTrainer`` (the group-relative advantages it
+reads are the step's: :mod:`enigma_lightning.step.group`).
 
 Variant: ENIGMA trains with GRPO using *sequence-level* importance weights (GSPO): the ratio is
 ``exp(mean over completion tokens of (logp - old_logp))``, one per completion, so the default here is
@@ -12,48 +13,13 @@ and the loss aggregations ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo``. Tests co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from .base import StepInputs
+from .base import LossTerm, Needs, StepBatch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-ADV_EPS = 1e-4
-
-
-def nanstd(x: Tensor, dim: int | None = None) -> Tensor:
-    """Bessel-corrected standard deviation ignoring NaNs (NaN where fewer than two values)."""
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
-    correction = torch.where(count > 1, count / (count - 1), torch.full_like(var, float("nan")))
-    std = torch.sqrt(var * correction)
-    return std.squeeze() if dim is None else std.squeeze(dim)
-
-
-def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: str = "group") -> tuple[Tensor, Tensor]:
-    """Group-relative advantages.
-
-    rewards: [N] total reward per completion (NaN = unscorable), consecutive groups of ``num_generations``.
-    Returns ``(advantages [N], std_is_zero [N] bool)``. Unscorable completions get advantage 0.
-    """
-    grouped = rewards.view(-1, num_generations)  # [N/G, G]
-    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)  # [N]
-    if scale_rewards in ("group", "none"):
-        std = nanstd(grouped, dim=1).repeat_interleave(num_generations)
-    elif scale_rewards == "batch":
-        std = nanstd(rewards).expand_as(rewards)
-    else:
-        raise ValueError(f"grpo.scale_rewards must be one of {SCALE_REWARDS}; got {scale_rewards!r}.")
-    advantages = rewards - mean
-    if scale_rewards != "none":
-        advantages = advantages / (std + ADV_EPS)
-    std_is_zero = torch.isclose(std, torch.zeros_like(std))
-    return torch.nan_to_num(advantages, nan=0.0), std_is_zero
 
 
 def grpo_loss(
@@ -130,43 +96,34 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-@dataclass
-class GRPOLoss:
-    """The GRPO term and the group settings the rollout uses (``conf/grpo/*.yaml``)."""
+class GRPOLoss(LossTerm):
+    """The GRPO term (``conf/loss/grpo.yaml``, settings under ``grpo.*``): the clipped surrogate and the KL.
+    The group it learns from (G, advantages, rollout reuse) is the step's (:mod:`enigma_lightning.step.group`)."""
 
-    num_generations: int = 4
-    num_iterations: int = 1
-    loss_type: str = "grpo"
-    importance_sampling_level: str = "sequence"
-    scale_rewards: str = "group"
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    beta: float = 0.0
-    kl_bias_correction: bool = True
-    mask_truncated_completions: bool = False
-    weight: float = 1.0
-    name: str = "grpo"
+    name = "grpo"
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.beta != 0.0
+    def __init__(self, *, weight: float, loss_type: str, importance_sampling_level: str, epsilon: float,
+                 epsilon_high: float | None, beta: float, kl_bias_correction: bool):
+        super().__init__(weight=weight)
+        self.loss_type, self.importance_sampling_level = loss_type, importance_sampling_level
+        self.epsilon, self.epsilon_high, self.beta, self.kl_bias_correction = epsilon, epsilon_high, beta, kl_bias_correction
 
-    def advantages(self, rewards: Tensor) -> tuple[Tensor, Tensor]:
-        return group_advantages(rewards, self.num_generations, self.scale_rewards)
+    def needs(self) -> Needs:
+        return Needs(reference_logps=self.beta != 0.0, global_token_count=self.loss_type == "dapo")
 
-    def __call__(self, inputs: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, batch: StepBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return grpo_loss(
-            inputs.logps,
-            inputs.old_logps,
-            inputs.advantages,
-            inputs.completion_mask,
-            inputs.ref_logps,
+            batch.logps,
+            batch.old_logps,
+            batch.advantages,
+            batch.completion_mask,
+            batch.ref_logps,
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             epsilon=self.epsilon,
             epsilon_high=self.epsilon_high,
             beta=self.beta,
             kl_bias_correction=self.kl_bias_correction,
-            max_completion_length=inputs.extras.get("max_completion_length"),
-            num_items_in_batch=inputs.num_items_in_batch,
+            max_completion_length=batch.max_completion_length,
+            num_items_in_batch=batch.num_items_in_batch,
         )

@@ -17,12 +17,10 @@ policy only: the reference's hidden states come from a no-grad forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
-from .base import StepInputs
+from .base import LossTerm, Needs, StepBatch
 
 POOLINGS = ("token", "mean")
 NORMALIZATIONS = ("l2", "standardize", "none")
@@ -79,25 +77,21 @@ def normalize_clouds(x: Tensor, y: Tensor, how: str) -> tuple[Tensor, Tensor]:
     raise ValueError(f"ot.normalize must be one of {NORMALIZATIONS}; got {how!r}")
 
 
-@dataclass
-class OTLoss:
-    """The OT term (``conf/ot/*.yaml``). ``weight = 0`` keeps it as a monitor: logged, not optimised."""
+class OTLoss(LossTerm):
+    """The OT term (``conf/loss/ot.yaml``, settings under ``ot.*``). ``weight = 0`` keeps it as a monitor: logged,
+    not optimised."""
 
-    epsilon: float = 0.05
-    p: int = 2
-    scaling: float = 0.9
-    debias: bool = True
-    layers: list[int] = field(default_factory=lambda: [-1])
-    pooling: str = "token"
-    normalize: str = "l2"
-    max_points: int = 1024
-    backend: str = "tensorized"
-    seed: int = 0
-    weight: float = 10.0
-    name: str = "ot"
+    name = "ot"
 
-    needs_reference = True
-    needs_hidden_states = True
+    def __init__(self, *, weight: float, epsilon: float, p: int, scaling: float, debias: bool, layers: list[int],
+                 pooling: str, normalize: str, max_points: int, backend: str, seed: int):
+        super().__init__(weight=weight)
+        self.epsilon, self.p, self.scaling, self.debias = epsilon, p, scaling, debias
+        self.layers, self.pooling, self.normalize = [int(x) for x in layers], pooling, normalize
+        self.max_points, self.backend, self.seed = max_points, backend, seed
+
+    def needs(self) -> Needs:
+        return Needs(hidden_layers=tuple(self.layers), reference_hidden_layers=tuple(self.layers))
 
     def _subsample(self, n: int, step: int, device: torch.device) -> Tensor | None:
         if n <= self.max_points:
@@ -105,9 +99,9 @@ class OTLoss:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return torch.randperm(n, generator=g)[: self.max_points].to(device)
 
-    def __call__(self, inputs: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        hidden, ref_hidden = inputs.extras["hidden"], inputs.extras["ref_hidden"]  # {layer: [B, T, D]}
-        mask, step = inputs.completion_mask, int(inputs.extras.get("step", 0))
+    def forward(self, batch: StepBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        hidden, ref_hidden = batch.hidden, batch.ref_hidden  # {layer: [B, T, D]}
+        mask, step = batch.completion_mask, batch.step
         values: dict[int, Tensor] = {}
         points = 0
         for layer in self.layers:
@@ -121,7 +115,7 @@ class OTLoss:
             x, y = normalize_clouds(x, y, self.normalize)
             values[layer] = sinkhorn_divergence(x, y, self.epsilon, self.p, self.scaling, self.debias, self.backend)
             points = x.size(0)
-        zero = inputs.logps.new_zeros(())
+        zero = batch.logps.new_zeros(())
         loss = torch.stack(list(values.values())).mean() if values else zero
         metrics = {"divergence": loss.detach(), "points": torch.tensor(float(points)),
                    "degenerate": torch.tensor(float(not values))}

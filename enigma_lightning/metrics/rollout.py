@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import nanstd
 from ..rewards import is_strict
+from .stats import nanstd
 
 
 def rollout_metrics(ro, rewards: torch.Tensor, per_func: torch.Tensor, std_zero: torch.Tensor,
@@ -27,3 +27,11 @@ def rollout_metrics(ro, rewards: torch.Tensor, per_func: torch.Tensor, std_zero:
     for i, name in enumerate(reward_names):
         m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i])
     return m
+
+
+def sample_rows(step: int, prompts: list[str], completions: list[str], rewards: list[float],
+                targets: list | None) -> list[dict]:
+    """One row per completion for ``samples.jsonl`` and the W&B samples table."""
+    targets = targets if targets is not None else [None] * len(completions)
+    return [{"step": step, "prompt": p, "completion": c, "reward": float(r), "target": t}
+            for p, c, r, t in zip(prompts, completions, rewards, targets, strict=True)]

@@ -38,7 +38,7 @@ class ProbeCallback(L.Callback):
         if pl_module.reference is not None:
             return pl_module.reference
         if self._reference is None:
-            from ..models import load_policy
+            from ..models.loading import load_policy
 
             self._reference = load_policy(pl_module.spec).eval().requires_grad_(False).to(pl_module.device)
         return self._reference
@@ -64,6 +64,6 @@ class ProbeCallback(L.Callback):
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=step - 1)
         if self.write_files:
-            from ..probe import write_outputs
+            from .outputs import write_outputs
 
             write_outputs(result, Path(trainer.default_root_dir) / "probes" / f"step{step:06d}", f"step {step}")

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..models import compat
 from . import geometry as geo
 
 PER_LAYER = ("sinkhorn", "cka", "fisher_rao", "mean_shift", "principle_alignment", "twonn_policy",
@@ -19,8 +20,8 @@ def probe_texts(tok, prompt, principles, questions: str = "bundled_eval", num_qu
     """Prompts under the principle and its antithesis, and the teacher-forced completions (prefill removed)."""
     import random
 
-    from ..data import load_rows
-    from ..prompts import format_completion
+    from ..data.datasets import load_rows
+    from ..data.prompts import format_completion
 
     rows = load_rows(questions)
     rows = [r for r in rows if r.get("rationale")]
@@ -51,7 +52,7 @@ def _batches(tok, prompts: list[str], completions: list[str], batch_size: int, d
 
 def _logit_lens(model, hidden: torch.Tensor) -> torch.Tensor:
     """Next-token logits read from an intermediate layer: the final norm, then the unembedding."""
-    norm = getattr(model.get_decoder(), "norm", None)
+    norm = compat.final_norm(model)
     return model.get_output_embeddings()(norm(hidden) if norm is not None else hidden)
 
 

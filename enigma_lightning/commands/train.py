@@ -1,0 +1,129 @@
+"""Entry point: ``python -m enigma_lightning.train [overrides]``. Wiring only: config -> objects -> Trainer.fit."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import ConfigError
+from ..runtime.cli import entry_point, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+# OnExceptionCheckpoint makes Lightning look for a `last` checkpoint to resume from when ckpt_path is None; in a
+# fresh run folder there is none, and the two warnings it prints about that are noise.
+warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model.*")
+warnings.filterwarnings("ignore", message=r".*is set, but there is no last checkpoint available.*")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# a resumed run continues metrics.csv (loggers.csv_logger) rather than deleting it, as this warning would say
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty.*")
+
+
+def build_module(cfg: DictConfig):
+    """The LightningModule from ``cfg.module`` (its ``_target_``; see conf/train.yaml)."""
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.module)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one configuration; returns the run summary. Under ``resume=auto`` a finished job folder is skipped and
+    an interrupted one resumes from its newest checkpoint (see :mod:`.sweeps`)."""
+    import json
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ..runtime import allocator
+    from ..runtime.sweeps import hydra_info, plan, single_job_argv
+    from ..runtime.validate import validate
+
+    validate(cfg)
+    out = Path(cfg.paths.output_dir)
+    summary_path = out / "summary.json"
+    action, ckpt_path = plan(cfg, out)
+    if action == "skip":
+        summary = json.loads(summary_path.read_text())
+        print(f"{out}: already {summary['status']}; skipped (resume=never retrains)")
+        return summary
+    if action == "resume":
+        print(f"{out}: resuming from {ckpt_path}")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = hydra_info()
+    if sweep is not None:  # one W&B group per sweep; the swept values as flat config keys
+        (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+        if cfg.get("logger") and cfg.logger.get("wandb") and not cfg.logger.wandb.get("group"):
+            cfg.logger.wandb.group = sweep["sweep"]
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.get("accelerator") == "cpu":
+        allocator.configure(cfg.get("cpu_malloc", "reuse"))
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v]
+    callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
+    for lg in loggers:  # the run folder already has config.yaml; W&B gets the resolved config as its run config
+        if isinstance(lg, WandbLogger):
+            params = OmegaConf.to_container(cfg, resolve=True)
+            if sweep is not None:
+                params.update({"sweep": sweep["sweep"], "sweep_job": sweep["job"],
+                               **{f"swept/{k}": v for k, v in sweep["overrides"].items()}})
+            lg.log_hyperparams(params)
+    if sweep is not None and trainer.world_size > 1:
+        single_job_argv()  # DDP children re-run this job only (see sweeps.single_job_argv)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:  # close this job's W&B run: the next job of a sweep in this process must start its own
+        if any(isinstance(lg, WandbLogger) and lg._experiment is not None for lg in loggers):
+            import wandb
+
+            wandb.finish(exit_code=0 if summary_path.exists() and
+                         json.loads(summary_path.read_text()).get("status") == "finished" else 1)
+    return json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+
+def task(cfg: DictConfig) -> float | dict[str, Any]:
+    """One job: train, and return the run summary, or, with ``optimized_metric`` set, that metric's final value
+    (what Hydra's sweepers, e.g. Optuna, minimise or maximise; NaN for a failed job)."""
+    from ..runtime.sweeps import hydra_info, record_failure
+
+    if hydra_info() is None:
+        with exit_on_user_error():
+            summary = run(cfg)
+    else:
+        # In a sweep one failing job must not stop the others: its error is recorded in its folder (error.txt,
+        # summary.json) for the report, and the sweep goes on; the sweep's exit status says a job failed.
+        try:
+            summary = run(cfg)
+        except Exception as e:
+            log.exception("job failed: %s", e)
+            record_failure(Path(cfg.paths.output_dir), e)
+            summary = {"status": f"failed: {type(e).__name__}: {e}"}
+    key = cfg.get("optimized_metric")
+    if not key:
+        return summary
+    value = summary.get("final", {}).get(key)
+    if value is None and summary.get("status") == "finished":
+        raise ConfigError([f"optimized_metric={key} was not logged by this run (logged: "
+                           f"{sorted(summary.get('final', {}))}). Set optimized_metric to one of them"])
+    return float("nan") if value is None else float(value)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | dict[str, Any]:
+    return task(cfg)
+
+
+def main() -> None:
+    entry_point(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Load a trained policy for evaluation and probes: from a run's Lightning checkpoint or an exported folder.
+
+``ckpt_path`` may be
+
+- a Lightning checkpoint of a run (``<run>/checkpoints/last.ckpt``): the run's ``config.yaml`` (next to
+  ``checkpoints/``) says which base model, LoRA adapter, prompt and principle set it was trained with; the policy's
+  weights are loaded into that base (a LoRA adapter is merged);
+- an exported policy folder (``<run>/policy``, written by ``save_pretrained``): loaded as a model folder, with the
+  run's ``config.yaml`` found one level up when it is there.
+
+Checkpoints are pickles: load only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import EnigmaError
+
+RUN_KEYS = ("model", "peft", "prompt", "principles")
+
+
+def run_config(ckpt_path: str) -> DictConfig | None:
+    """The ``config.yaml`` of the run a checkpoint or policy folder belongs to, or None."""
+    p = Path(ckpt_path).expanduser()
+    for folder in (p.parent, p.parent.parent) if p.is_file() else (p, p.parent):
+        if (folder / "config.yaml").is_file():
+            return OmegaConf.load(folder / "config.yaml")
+    return None
+
+
+def merge_run_config(cfg: DictConfig, key: str = "ckpt_path") -> DictConfig:
+    """Take ``model``, ``peft``, ``prompt`` and ``principles`` from the checkpoint's run (``use_run_config=true``),
+    so a checkpoint is evaluated under the prompt and principles it was trained with."""
+    ckpt = cfg.get(key)
+    if not ckpt:
+        return cfg
+    p = Path(str(ckpt)).expanduser()
+    if not p.exists():
+        raise EnigmaError(f"{key}: {p} does not exist. Point it at <run dir>/checkpoints/last.ckpt or <run dir>/policy")
+    run = run_config(str(p)) if cfg.get("use_run_config", True) else None
+    if run is None:
+        if p.is_file():
+            raise EnigmaError(f"{key}: no config.yaml next to {p} (looked in {p.parent} and {p.parent.parent}), so "
+                              "the base model is unknown. Pass a checkpoint inside its run folder, or the exported "
+                              "<run dir>/policy folder as model=<folder>")
+        return cfg
+    merged = cfg.copy()
+    OmegaConf.set_struct(merged, False)
+    for k in RUN_KEYS:
+        if k in run:
+            merged[k] = run[k]
+    return merged
+
+
+def load_policy_from(cfg: DictConfig, key: str = "ckpt_path") -> tuple[torch.nn.Module, Any]:
+    """(policy, tokenizer) for ``cfg[key]`` (see the module doc) or, when it is empty, the base ``cfg.model``."""
+    from hydra.utils import instantiate
+
+    from ..models.loading import apply_lora, load_policy, load_tokenizer
+
+    spec = instantiate(cfg.model)
+    ckpt = cfg.get(key)
+    p = Path(str(ckpt)).expanduser() if ckpt else None
+    if p is not None and p.is_dir():  # an exported policy folder
+        if (p / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(str(p)).merge_and_unload()
+        else:
+            model = load_policy(_with_path(spec, str(p)))
+        return model.eval(), load_tokenizer(_with_path(spec, str(p)))
+    tok, model = load_tokenizer(spec), load_policy(spec)
+    if p is None:
+        return model.eval(), tok
+    if cfg.get("peft"):
+        model = apply_lora(model, instantiate(cfg.peft))
+    state = torch.load(p, map_location="cpu", weights_only=False)
+    sd = {k.removeprefix("policy."): v for k, v in state.get("state_dict", {}).items() if k.startswith("policy.")}
+    if not sd:
+        raise EnigmaError(f"{key}: {p} holds no policy weights (no 'policy.*' keys). Is it a checkpoint of an "
+                          "enigma_lightning run?")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k.split("base_model.model.")[-1] not in tied]
+    if missing or unexpected:
+        raise EnigmaError(f"{key}: {p} does not match model.name_or_path={spec.name_or_path!r}: "
+                          f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+                          f"(e.g. {unexpected[:2]}). Set model= to the base model the run was trained from")
+    if cfg.get("peft"):
+        model = model.merge_and_unload()
+    return model.eval(), tok
+
+
+def _with_path(spec, path: str):
+    import dataclasses
+
+    return dataclasses.replace(spec, name_or_path=path)
+
+
+def device_for(device: str) -> torch.device:
+    """``auto``: CUDA when there is a GPU, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

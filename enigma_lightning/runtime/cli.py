@@ -1,0 +1,90 @@
+"""Command-line conveniences shared by the entry points."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import os
+import sys
+
+
+def config_options(group: str) -> set[str]:
+    root = importlib.resources.files("enigma_lightning.conf") / group
+    return {p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def rewrite_model_override(argv: list[str]) -> list[str]:
+    """``model=<hub id or local folder>`` becomes ``model=hf model.name_or_path=<...>`` when the value is not one of
+    the presets in ``conf/model/`` (``model=Qwen/Qwen2.5-0.5B-Instruct`` just works)."""
+    presets = config_options("model")
+    out = []
+    for arg in argv:
+        if arg.startswith("model=") and "," not in arg:
+            value = arg.split("=", 1)[1]
+            if value and value not in presets:
+                out += ["model=hf", f"model.name_or_path={value}"]
+                continue
+        out.append(arg)
+    return out
+
+
+# keys that moved, and where they live now: named in the error instead of Hydra's "not in struct"
+MOVED = {f"grpo.{k}": f"step.{k}" for k in ("num_generations", "num_iterations", "scale_rewards",
+                                           "mask_truncated_completions")}
+
+
+def moved_keys(argv: list[str]) -> list[str]:
+    """A message for each override that sets a key which has moved (``grpo.num_generations=8``)."""
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and key in MOVED:
+            out.append(f"{key} is now {MOVED[key]} (the group a step learns from, conf/step/): set "
+                       f"{MOVED[key]}={arg.split('=', 1)[1]}")
+    return out
+
+
+def offline_defaults() -> None:
+    """No hub round-trips when the user has said there is no hub (HF_HUB_OFFLINE=1 in CI and tests)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """A user error (:class:`EnigmaError`) is printed plainly, without a traceback, and exits with status 2."""
+    from ..errors import EnigmaError
+
+    try:
+        yield
+    except EnigmaError as e:
+        logging.getLogger("enigma_lightning").error("%s", e)
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def entry_point(main) -> None:
+    """Run a Hydra ``main``: offline defaults, ``model=<hub id or folder>`` rewritten."""
+    offline_defaults()
+    if problems := moved_keys(sys.argv[1:]):
+        print("\nerror: " + "\n       ".join(problems), file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *rewrite_model_override(sys.argv[1:])]
+    main()
+
+
+def hydra_command(run, config_name: str):
+    """(main, cli) for a command ``run(cfg)`` on ``conf/<config_name>.yaml``: user errors exit plainly (status 2)."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name=config_name)
+    def main(cfg) -> None:
+        with exit_on_user_error():
+            run(cfg)
+
+    def cli() -> None:
+        entry_point(main)
+
+    return main, cli

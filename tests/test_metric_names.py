@@ -1,0 +1,44 @@
+"""One list of metric names: docs/metrics.md is generated from it, every column a run writes is in it, the
+summary/report/dashboard read names through it, and train returns the metric it optimises."""
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from enigma_lightning.metrics.names import documented, metric, render_doc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_docs_table_is_generated_from_the_list():
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    assert render_doc(text) == text, "run: python -m enigma_lightning.metrics.names"
+
+
+def test_names_match_placeholders_and_unknown_names_are_refused():
+    assert documented("train/reward/format/mean") and documented("perf/sami_prepare_time")
+    assert documented("train/ot/divergence/layer_3") and not documented("train/ot/divergence/layer_3/x")
+    with pytest.raises(KeyError, match="not in enigma_lightning.metrics.names.TABLE"):
+        metric("train/grpo/made_up")
+
+
+def test_every_logged_column_is_documented_and_train_returns_the_optimised_metric(make_cfg, tmp_path):
+    from enigma_lightning.commands.train import task
+
+    out = tmp_path / "run"
+    value = task(make_cfg("experiment=smoke", "loss=full", "optimized_metric=train/reward/mean", out=out))
+    with open(out / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    undocumented = [c for c in header if c not in ("step", "epoch") and not documented(c)]
+    assert undocumented == []
+    assert isinstance(value, float) and math.isfinite(value)
+
+
+def test_optimized_metric_must_be_a_logged_name(make_cfg):
+    from enigma_lightning.runtime.validate import config_problems
+
+    assert config_problems(make_cfg("optimized_metric=val/acc")) == [
+        "optimized_metric=val/acc is not a metric a run logs (docs/metrics.md). Set optimized_metric="
+        "val/accuracy_best, or optimized_metric=null"]
