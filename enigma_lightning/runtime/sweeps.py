@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 RESUME_MODES = ("auto", "never")
+CONFIG_CHANGE_MODES = ("refuse", "new")
 
 
 def hydra_info() -> dict[str, Any] | None:
