@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if sweep is not None and trainer.world_size > 1:
         single_job_argv()  # DDP children re-run this job only (see sweeps.single_job_argv)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:  # close this job's W&B run: the next job of a sweep in this process must start its own
         if any(isinstance(lg, WandbLogger) and lg._experiment is not None for lg in loggers):
             import wandb
