@@ -4,9 +4,8 @@ project's own and the named libraries' targets, and its trust_remote_code is not
 import os
 
 import torch
-from omegaconf import OmegaConf
-
 from helpers import run_cli
+from omegaconf import OmegaConf
 
 
 class Payload:
