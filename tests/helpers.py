@@ -87,3 +87,24 @@ def step_batch(mask, logps=None, **fields):
     logps = torch.zeros(b, t) if logps is None else logps
     return StepBatch(torch.zeros(b, 1), torch.ones(b, 1), torch.zeros(b, t), mask, mask, torch.zeros(b), logps,
                      Layout(1, 1, b), **fields)
+
+
+def nan_reward(prompts, completions, **columns):
+    """A broken reward function: NaN for every completion."""
+    return [float("nan")] * len(completions)
+
+
+
+def sigterm_at(at_step: int = 1):
+    """A callback that sends this process SIGTERM at the end of step ``at_step`` (a scheduler stopping the job)."""
+    import os
+    import signal
+
+    import lightning as L
+
+    class SigtermAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == at_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return SigtermAt()

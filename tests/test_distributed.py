@@ -9,7 +9,8 @@ import torch
 
 from enigma_lightning.data.datasets import StepBatchSampler
 
-SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true"]
+SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true",
+          "allowed_targets=[helpers]"]
 # SGD, not Adam: Adam's step is about lr * sign(grad) where a gradient is near zero, so float rounding in the
 # gradient (sums in another order on two processes) becomes a step of up to lr there; SGD's step is lr * grad.
 OPTIM = ["optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas", "optim.optimizer.lr=0.1"]

@@ -10,7 +10,8 @@ from enigma_lightning.data.prompts import format_completion
 from enigma_lightning.errors import EnigmaError
 
 # on a random tiny model the format reward is constant; a length reward gives GRPO a signal, so the policy moves
-SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true"]
+SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true",
+          "allowed_targets=[helpers]"]
 CHOICES = ["Paris", "London", "A bird", "Rome"]
 
 

@@ -35,7 +35,7 @@ def _searchpath(tmp_path):
     (tmp_path / "conf" / "loss").mkdir(parents=True)
     (tmp_path / "conf" / "loss" / "entropy.yaml").write_text(
         "# @package _global_\nloss:\n  entropy: true\nentropy:\n  _target_: test_terms.EntropyBonus\n"
-        "  weight: 0.01\n  layer: 1\n")
+        "  weight: 0.01\n  layer: 1\nallowed_targets: [test_terms]\n")
     return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
 
 

@@ -11,7 +11,8 @@ import torch
 from enigma_lightning.commands.train import run
 
 # On a random tiny model the format reward is constant; a length reward gives GRPO a signal.
-SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true"]
+SIGNAL = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true",
+          "allowed_targets=[helpers]"]
 
 
 def _metrics(out):
@@ -89,7 +90,8 @@ def test_resume_after_crash_matches_uninterrupted_run(make_cfg, tmp_path):
     run(make_cfg(*common, out=full))
 
     crashed = tmp_path / "crashed"
-    cfg = make_cfg(*common, "+callbacks.crash._target_=test_train.Crash", "+callbacks.crash.at_step=3", out=crashed)
+    cfg = make_cfg(*common, "+callbacks.crash._target_=test_train.Crash", "+callbacks.crash.at_step=3",
+                   "allowed_targets=[helpers,test_train]", out=crashed)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(cfg)
     interrupted = crashed / "checkpoints/interrupted.ckpt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,20 +35,46 @@ def build_module(cfg: DictConfig):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration; returns the run summary. Under ``resume=auto`` a finished job folder is skipped and
     an interrupted one resumes from its newest checkpoint (see :mod:`.sweeps`)."""
+    from ..runtime.folders import run_lock
+    from ..runtime.validate import validate
+
+    validate(cfg)
+    out = Path(cfg.paths.output_dir)
+    with run_lock(out):
+        return _run_locked(cfg, out)
+
+
+def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     import json
 
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from omegaconf import open_dict
 
     from ..runtime import allocator
+    from ..runtime.folders import (
+        atomic_write_text,
+        check_config_matches,
+        config_differences,
+        new_folder,
+        run_lock,
+    )
     from ..runtime.sweeps import hydra_info, plan, single_job_argv
-    from ..runtime.validate import validate
 
-    validate(cfg)
-    out = Path(cfg.paths.output_dir)
     summary_path = out / "summary.json"
     action, ckpt_path = plan(cfg, out)
+    if action in ("skip", "resume") and (out / "config.yaml").is_file():
+        if cfg.get("on_config_change", "refuse") == "new" and \
+                config_differences(OmegaConf.load(out / "config.yaml"), cfg):
+            out = new_folder(out)
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(out)
+            print(f"the configuration differs from the run folder's: training in a new folder {out}")
+            with run_lock(out):
+                return _run_locked(cfg, out)
+        check_config_matches(cfg, out)
     if action == "skip":
         summary = json.loads(summary_path.read_text())
         print(f"{out}: already {summary['status']}; skipped (resume=never retrains)")
@@ -57,10 +84,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     sweep = hydra_info()
     if sweep is not None:  # one W&B group per sweep; the swept values as flat config keys
-        (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+        atomic_write_text(out / "sweep.json", json.dumps(sweep, indent=2))
         if cfg.get("logger") and cfg.logger.get("wandb") and not cfg.logger.wandb.get("group"):
             cfg.logger.wandb.group = sweep["sweep"]
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.get("accelerator") == "cpu":
         allocator.configure(cfg.get("cpu_malloc", "reuse"))
@@ -68,7 +95,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg)
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v]
     callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out))
+    from ..runtime.folders import AtomicCheckpointIO
+
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),
+                          plugins=[AtomicCheckpointIO()])
     for lg in loggers:  # the run folder already has config.yaml; W&B gets the resolved config as its run config
         if isinstance(lg, WandbLogger):
             params = OmegaConf.to_container(cfg, resolve=True)
@@ -79,7 +109,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if sweep is not None and trainer.world_size > 1:
         single_job_argv()  # DDP children re-run this job only (see sweeps.single_job_argv)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # Lightning stops cleanly (interrupted.ckpt written) and would exit 0
+        print(f"{out}: stopped by SIGTERM; resume by running the same command again", file=sys.stderr)
+        raise SystemExit(143) from None
     finally:  # close this job's W&B run: the next job of a sweep in this process must start its own
         if any(isinstance(lg, WandbLogger) and lg._experiment is not None for lg in loggers):
             import wandb

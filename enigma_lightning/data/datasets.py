@@ -38,25 +38,44 @@ def is_local_data(path: str) -> bool:
     return p.suffix in LOCAL_SUFFIXES or path.startswith(("/", "./", "../", "~")) or p.exists()
 
 
-def load_rows(path: str, split: str = "train", name: str | None = None, revision: str | None = None) -> list[dict]:
-    """Load a dataset as a list of dicts through ``datasets``."""
+def load_rows(path: str, split: str = "train", name: str | None = None, revision: str | None = None,
+              key: str = "data.path") -> list[dict]:
+    """Load a dataset as a list of dicts through ``datasets``; local files are checked first (:mod:`.files`)."""
     import datasets
+
+    from .files import check_file, local_files
 
     path = resolve_data_path(path)
     if is_local_data(path):
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise DataError(f"data.path: file {p} does not exist. Point data.path at a json/jsonl/parquet/csv file.")
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise DataError(f"data.path: no json/jsonl/parquet/csv files in folder {p}.")
-        kind = LOCAL_SUFFIXES.get(files[0].suffix)
-        if kind is None:
-            raise DataError(f"data.path: {p} has suffix {p.suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}.")
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        files = local_files(Path(path).expanduser(), key, LOCAL_SUFFIXES)
+        for f in files:
+            check_file(f, key)
+        try:
+            ds = datasets.load_dataset(LOCAL_SUFFIXES[files[0].suffix], data_files=[str(f) for f in files],
+                                       split="train")
+        except Exception as e:
+            raise DataError(f"{key}: {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                            "Check the file's format (json lines, csv with a header, parquet)") from e
     else:
-        ds = datasets.load_dataset(path, name, split=split, revision=revision)
+        try:
+            ds = datasets.load_dataset(path, name, split=split, revision=revision)
+        except Exception as e:
+            import os
+
+            offline = " HF_DATASETS_OFFLINE=1 is set and it is not in the local cache;" \
+                if os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
+            raise DataError(f"{key}={path!r} (a hub dataset id) could not be loaded:{offline} "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Either point {key} at "
+                            "a local json/jsonl/parquet/csv file, or allow the network (unset HF_DATASETS_OFFLINE)"
+                            ) from e
     return ds.to_list()
+
+
+def _is_text(value, key: str) -> bool:
+    """Fields are text; an answer (``target``) may also be a number."""
+    if isinstance(value, str):
+        return True
+    return key == "target" and isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_rows(rows: list[dict], where: str, on_bad_rows: str = "error") -> tuple[list[dict], list[str]]:
@@ -65,9 +84,11 @@ def check_rows(rows: list[dict], where: str, on_bad_rows: str = "error") -> tupl
     good: list[dict] = []
     for i, row in enumerate(rows):
         missing = [k for k in REQUIRED if row.get(k) is None]  # datasets fills absent keys with None
-        empty = [k for k in REQUIRED if row.get(k) is not None and not str(row[k]).strip()]
-        if missing or empty:
+        not_text = [k for k in SCHEMA if row.get(k) is not None and not _is_text(row[k], k)]
+        empty = [k for k in REQUIRED if k not in missing + not_text and not str(row[k]).strip()]
+        if missing or empty or not_text:
             parts = [f"missing field {k!r}" for k in missing] + [f"empty {k!r}" for k in empty]
+            parts += [f"field {k!r} is a {type(row[k]).__name__}, not text" for k in not_text]
             problems.append(f"row {i}: " + ", ".join(parts))
         else:
             good.append(row)
@@ -172,6 +193,10 @@ class CoTDataModule(L.LightningDataModule):
         return self.batch_size // self.num_generations
 
     def _prepare(self, rows: list[dict], where: str) -> list[dict]:
+        from .files import column_problem
+
+        if problem := column_problem(rows, self.columns, where, REQUIRED, SCHEMA):
+            raise DataError(problem)
         if self.columns:
             rows = [{**r, **{ours: r.get(theirs) for ours, theirs in self.columns.items()}} for r in rows]
         rows, problems = check_rows(rows, where, self.on_bad_rows)
@@ -190,14 +215,18 @@ class CoTDataModule(L.LightningDataModule):
             return
         where = f"data.path={self.path!r}"
         rows = self._prepare(load_rows(self.path, self.split, self.name, self.revision), where)
+        if not rows:
+            raise DataError(f"{where} has no usable rows. Point data.path at a file with rows (source, target)")
         random.Random(self.seed).shuffle(rows)
         if self.val_path or self.val_split:
             vwhere = f"data.val_path={self.val_path or self.path!r}"
-            val = load_rows(self.val_path or self.path, self.val_split or "validation", self.name, self.revision)
+            val = load_rows(self.val_path or self.path, self.val_split or "validation", self.name, self.revision,
+                            key="data.val_path" if self.val_path else "data.path")
             self.val_rows = self._prepare(val, vwhere)[: self.val_size]
         elif self.val_size:
             if len(rows) <= self.val_size:
-                raise DataError(f"{where} has {len(rows)} rows, too few to hold out data.val_size={self.val_size}.")
+                raise DataError(f"{where} has {len(rows)} rows, too few to hold out data.val_size={self.val_size} "
+                                f"for validation. Set data.val_size={len(rows) // 4} (or 0), or add rows")
             self.val_rows, rows = rows[: self.val_size], rows[self.val_size :]
         self.train_rows = rows[: self.limit] if self.limit else rows
 

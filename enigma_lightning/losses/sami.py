@@ -130,7 +130,9 @@ class SAMILoss(LossTerm):
                 s = batch.prepared[self.name]  # [Q, K (prompt variant), K (completion variant), m]
             return s.permute(0, 3, 1, 2).reshape(-1, k, k)
         hidden = batch.hidden[self.layer]  # [B, T, D], rows ordered (question, variant, r)
-        mask = batch.completion_mask.unsqueeze(-1).to(hidden.dtype)
+        # pooled over the completion's own tokens (eos_mask), as the logprob critic scores them: the loss mask is
+        # all zero for a truncated completion under step.mask_truncated_completions, which would pool nothing
+        mask = batch.eos_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, D]
         z = nn.functional.normalize(self.projection(pooled.float()), dim=-1)  # [B, E]
         e = nn.functional.normalize(batch.principle_embeddings.to(z), dim=-1)  # [K, E]

@@ -34,6 +34,10 @@ TABLE: list[tuple[str, str]] = [
     ("train/reward/mean", "total (weighted) reward over the step's completions"),
     ("train/reward/std", "its standard deviation (unscorable completions ignored)"),
     ("train/reward/<name>/mean", "mean of one reward function (`format`, `correctness`, your own), ignoring `None`"),
+    ("train/reward/nonfinite", "reward values returned NaN or inf this step (`None` is unscorable, not counted); "
+     "such a step is not applied (callbacks.guard)"),
+    ("train/nonfinite_skipped", "1 on a step whose loss, gradients or rewards were not finite and that was skipped "
+     "(callbacks.guard.on_nonfinite=skip)"),
     ("train/reward/frac_zero_std", "fraction of completions in groups whose rewards are all equal (no GRPO signal)"),
     ("train/advantages/abs_mean", "mean absolute advantage"),
     ("train/format/strict_rate", "fraction of completions in the strict XML format (`format` in the progress bar)"),

@@ -25,8 +25,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     the batch it is generated in: a run on N processes samples what a one-process run samples. ``synced_gpus``
     keeps sharded (FSDP) ranks stepping together until every rank is done."""
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-                    truncation=sampling.max_prompt_length is not None, max_length=sampling.max_prompt_length)
+    enc = encode_prompts(tokenizer, prompts, sampling)
     g = 1 if greedy else num_generations
     plan = PrefixPlan.from_prompts(enc["input_ids"], enc["attention_mask"])  # on the host, before the copy
     ids, am = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -79,6 +78,36 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts], plan)
+
+
+def encode_prompts(tokenizer, prompts: list[str], sampling: SamplingConfig):
+    """Tokenise prompts (padded). A prompt over ``sampling.max_prompt_length`` tokens is cut from the left
+    (``long_prompts=left``: its end, the chat template's assistant header and the prefill, stays) or refused
+    (``long_prompts=error``)."""
+    limit = sampling.max_prompt_length
+    if limit is not None:
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        over = [(i, n) for i, n in enumerate(lengths) if n > limit]
+        if over and sampling.long_prompts == "error":
+            from ..errors import DataError
+
+            i, n = over[0]
+            raise DataError(f"{len(over)} prompt(s) are longer than rollout.max_prompt_length={limit} tokens (the "
+                            f"first has {n}: ...{prompts[i][-120:]!r}). Raise rollout.max_prompt_length={max(lengths)}, "
+                            "shorten the questions, or set rollout.long_prompts=left to cut their start")
+        if over:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%d prompt(s) over rollout.max_prompt_length=%d tokens (longest %d) were cut from the left",
+                len(over), limit, max(n for _, n in over))
+    side = getattr(tokenizer, "truncation_side", "right")
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                         truncation=limit is not None, max_length=limit)
+    finally:
+        tokenizer.truncation_side = side
 
 
 def _reserve_cache(model: nn.Module, kwargs: dict, name: str, tokens: int) -> None:

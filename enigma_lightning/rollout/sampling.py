@@ -19,7 +19,8 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
-    max_prompt_length: int | None = 1024  # longer prompts are cut from the left (the question stays)
+    max_prompt_length: int | None = 1024  # longer prompts: see long_prompts
+    long_prompts: str = "left"  # left: cut from the left (the question's end, template and prefill stay) | error
     seed_per_prompt: bool = False  # each completion's randomness from (seed, step, prompt, index): see row_seeds
     reserve_cache: bool = True  # KV cache written in place while sampling, not grown by torch.cat (see kvcache)
     share_prompts: bool = True  # prefill each distinct prompt (and shared opening) once, repeat its cache over G

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 
 from ..metrics.names import metric
+from .folders import atomic_write_text
 
 
 def _outdir(trainer: L.Trainer) -> Path:
@@ -61,6 +62,16 @@ class CompletionSamples(L.Callback):
 
     def __init__(self, every_n_steps: int = 5):
         self.every_n_steps = every_n_steps
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run re-runs the steps after its checkpoint: their old rows go (nothing is written twice)."""
+        path = _outdir(trainer) / "samples.jsonl"
+        if not trainer.is_global_zero or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", -1) < trainer.global_step]
+        if len(keep) != len(lines):
+            atomic_write_text(path, "".join(keep))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1
@@ -110,7 +121,7 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero or not hasattr(self, "_t0"):
             return
         s = self.summary(trainer, status)
-        (_outdir(trainer) / "summary.json").write_text(json.dumps(s, indent=2, sort_keys=True))
+        atomic_write_text(_outdir(trainer) / "summary.json", json.dumps(s, indent=2, sort_keys=True))
         for k, t in s["trends"].items():
             print(f"{k}: start {t['start_mean']:.3f} -> end {t['end_mean']:.3f} (mean of first/last {self.window} steps)")
 

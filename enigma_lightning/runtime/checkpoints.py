@@ -8,7 +8,10 @@
 - an exported policy folder (``<run>/policy``, written by ``save_pretrained``): loaded as a model folder, with the
   run's ``config.yaml`` found one level up when it is there.
 
-Checkpoints are pickles: load only checkpoints you trust.
+Loading is safe with untrusted files: checkpoints are read with ``torch.load(weights_only=True)`` (tensors and plain
+values only; a checkpoint that needs anything else is refused), the run folder's ``_target_`` entries must be the
+project's own or the named libraries' (:mod:`.targets`; the folder's ``allowed_targets`` is ignored), and a run
+folder's ``model.trust_remote_code=true`` is taken only when the command line says so too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def run_config(ckpt_path: str) -> DictConfig | None:
 def merge_run_config(cfg: DictConfig, key: str = "ckpt_path") -> DictConfig:
     """Take ``model``, ``peft``, ``prompt`` and ``principles`` from the checkpoint's run (``use_run_config=true``),
     so a checkpoint is evaluated under the prompt and principles it was trained with."""
+    from .targets import target_problems
+
+    if problems := target_problems(cfg, list(cfg.get("allowed_targets") or [])):
+        from ..errors import ConfigError
+
+        raise ConfigError(problems)
     ckpt = cfg.get(key)
     if not ckpt:
         return cfg
@@ -49,11 +58,22 @@ def merge_run_config(cfg: DictConfig, key: str = "ckpt_path") -> DictConfig:
                               "the base model is unknown. Pass a checkpoint inside its run folder, or the exported "
                               "<run dir>/policy folder as model=<folder>")
         return cfg
+    from .targets import check_run_config
+
+    folder = {k: run[k] for k in RUN_KEYS if k in run}
+    if problems := check_run_config(OmegaConf.create(folder), where=f"{p.parent}: config.yaml: "):
+        raise EnigmaError("the run folder's config names code that is not loaded from a run folder:\n  "
+                          + "\n  ".join(problems) + f"\nOnly use run folders you trust; or set {key}'s model "
+                          "yourself with use_run_config=false model=<base model>")
+    asked = bool(OmegaConf.select(cfg, "model.trust_remote_code", default=False))
+    if OmegaConf.select(run, "model.trust_remote_code", default=False) is True and not asked:
+        raise EnigmaError(f"{key}: the run folder's config.yaml sets model.trust_remote_code=true (the model's own "
+                          "Python code from the hub would run). If you trust that model, say so: "
+                          "model.trust_remote_code=true; else use_run_config=false model=<base model>")
     merged = cfg.copy()
     OmegaConf.set_struct(merged, False)
-    for k in RUN_KEYS:
-        if k in run:
-            merged[k] = run[k]
+    for k, v in folder.items():
+        merged[k] = v
     return merged
 
 
@@ -79,7 +99,7 @@ def load_policy_from(cfg: DictConfig, key: str = "ckpt_path") -> tuple[torch.nn.
         return model.eval(), tok
     if cfg.get("peft"):
         model = apply_lora(model, instantiate(cfg.peft))
-    state = torch.load(p, map_location="cpu", weights_only=False)
+    state = load_checkpoint(p, key)
     sd = {k.removeprefix("policy."): v for k, v in state.get("state_dict", {}).items() if k.startswith("policy.")}
     if not sd:
         raise EnigmaError(f"{key}: {p} holds no policy weights (no 'policy.*' keys). Is it a checkpoint of an "
@@ -94,6 +114,22 @@ def load_policy_from(cfg: DictConfig, key: str = "ckpt_path") -> tuple[torch.nn.
     if cfg.get("peft"):
         model = model.merge_and_unload()
     return model.eval(), tok
+
+
+def load_checkpoint(p: Path, key: str = "ckpt_path") -> dict:
+    """A Lightning checkpoint's contents, read with ``weights_only=True``: tensors and plain values, never code."""
+    import pickle
+
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise EnigmaError(f"{key}: {p} holds objects other than tensors and plain values ({detail}); loading them "
+                          "could run code, so it is refused. Use a checkpoint written by enigma_lightning, or the "
+                          "exported <run dir>/policy folder") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise EnigmaError(f"{key}: {p} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); it may be "
+                          "truncated. Use another checkpoint of the run (checkpoints/step*.ckpt)") from e
 
 
 def _with_path(spec, path: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -11,31 +12,46 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from .folders import atomic_write_text
+
 
 class _ResumingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run keeps the rows of the steps before
-    the ones it logs again (the steps after the checkpoint are re-run, so their old rows are dropped)."""
+    """Lightning's CSV writer, made safe for a run folder: a resumed run keeps the rows of the steps before the ones
+    it logs again (the steps after the checkpoint are re-run, so their old rows are dropped), and every flush
+    rewrites the whole file through a rename, so a crash at any moment leaves the previous metrics.csv."""
 
     def __init__(self, log_dir: str) -> None:
         path = Path(log_dir) / self.NAME_METRICS_FILE
-        self._previous: list[dict] = []
+        self._previous: list[dict] | None = None
         if path.is_file():
             with open(path, newline="") as f:
                 self._previous = list(csv.DictReader(f))
         super().__init__(log_dir)
 
+    def _check_log_dir_exists(self) -> None:  # a run folder is expected to hold files; nothing is deleted
+        pass
+
     def save(self) -> None:
-        if self._previous and self.metrics:
+        if not self.metrics:
+            return
+        path = Path(self.metrics_file_path)
+        if self._previous is not None:  # the first flush of a resumed run
             first = min(int(m["step"]) for m in self.metrics)
-            keep = [r for r in self._previous if r.get("step") not in (None, "") and int(r["step"]) < first]
-            old_keys = {k for r in keep for k, v in r.items() if v not in (None, "")}
-            self.metrics_keys = sorted(old_keys | set().union(*self.metrics))
-            with open(self.metrics_file_path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.metrics_keys, extrasaction="ignore")
-                w.writeheader()
-                w.writerows({k: v for k, v in r.items() if k in old_keys} for r in keep)
-            self._previous = []
-        super().save()
+            old = [r for r in self._previous if r.get("step") not in (None, "") and int(r["step"]) < first]
+            self._previous = None
+        elif path.is_file():
+            with open(path, newline="") as f:
+                old = list(csv.DictReader(f))
+        else:
+            old = []
+        rows = [*old, *self.metrics]
+        self.metrics_keys = sorted({k for r in rows for k, v in r.items() if v not in (None, "")})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.metrics_keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+        self.metrics = []
 
 
 class _CSVLogger(CSVLogger):

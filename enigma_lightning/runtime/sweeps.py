@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 RESUME_MODES = ("auto", "never")
+CONFIG_CHANGE_MODES = ("refuse", "new")
 
 
 def hydra_info() -> dict[str, Any] | None:
@@ -96,12 +97,14 @@ def resume_checkpoint(out: Path) -> str | None:
 def record_failure(out: Path, exc: BaseException) -> None:
     """``error.txt`` (the traceback) and a failed ``summary.json`` unless the trainer already wrote one."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "error.txt").write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    from .folders import atomic_write_text
+
+    atomic_write_text(out / "error.txt", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     summary = out / "summary.json"
     if previous_outcome(out) != "failed":
         data = json.loads(summary.read_text()) if summary.exists() else {}
         data["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        summary.write_text(json.dumps(data, indent=2, sort_keys=True))
+        atomic_write_text(summary, json.dumps(data, indent=2, sort_keys=True))
 
 
 def plan(cfg: DictConfig, out: Path) -> tuple[str, str | None]:

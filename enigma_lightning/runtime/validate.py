@@ -18,7 +18,9 @@ from ..metrics.names import documented
 from ..models.loading import is_local_path
 from ..step.group import SCALE_REWARDS
 from .allocator import MODES as CPU_MALLOC_MODES
-from .sweeps import RESUME_MODES
+from .ranges import range_problems
+from .sweeps import CONFIG_CHANGE_MODES, RESUME_MODES
+from .targets import target_problems, unknown_key_problems
 
 
 def _get(cfg: DictConfig, key: str, default=None):
@@ -144,7 +146,51 @@ def config_problems(cfg: DictConfig) -> list[str]:
                  "val/accuracy_best, or optimized_metric=null")
     if not str(_get(cfg, "principles.text", "") or "").strip():
         p.append("principles.text is empty. Choose a set: principles=default (see conf/principles/)")
-    return p
+    if _get(cfg, "on_config_change", "refuse") not in CONFIG_CHANGE_MODES:
+        p.append(f"on_config_change must be {' or '.join(CONFIG_CHANGE_MODES)}; got {_get(cfg, 'on_config_change')!r}. "
+                 "Set on_config_change=refuse")
+    extra = _get(cfg, "allowed_targets") or []
+    p += range_problems(cfg, loss) + unknown_key_problems(cfg, loss) + target_problems(cfg, list(extra))
+    return p + hub_problems(cfg) + device_problems(cfg)
+
+
+def hub_problems(cfg: DictConfig) -> list[str]:
+    """Hub ids that cannot be loaded: offline (HF_HUB_OFFLINE=1) and not in the local cache."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return []
+    out = []
+    for key in ("model.name_or_path", "encoder.name_or_path"):
+        name = str(_get(cfg, key, "") or "")
+        if not name or name.startswith(("embedded:", "tiny:")) or is_local_path(name) or name.count("/") > 1:
+            continue
+        from huggingface_hub import try_to_load_from_cache
+
+        rev = _get(cfg, key.replace("name_or_path", "revision"))
+        try:
+            cached = try_to_load_from_cache(name, "config.json", revision=rev or None)
+        except Exception:  # not a valid repo id
+            cached = None
+        if not isinstance(cached, str):
+            out.append(f"{key}={name!r} is a hub id, but HF_HUB_OFFLINE=1 and it is not in the local hub cache. "
+                       f"Either point {key} at a local folder holding the model, or allow the network "
+                       "(unset HF_HUB_OFFLINE) so it can be downloaded")
+    return out
+
+
+def device_problems(cfg: DictConfig) -> list[str]:
+    """Trainer presets that need a GPU, on a machine without one."""
+    import torch
+
+    if _get(cfg, "trainer.accelerator") not in ("gpu", "cuda") or torch.cuda.is_available():
+        return []
+    strategy = _get(cfg, "trainer.strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    preset = "trainer=fsdp (FSDP1 on CUDA GPUs)" if "fsdp" in target.lower() else \
+        f"trainer.accelerator={_get(cfg, 'trainer.accelerator')} ({'trainer=ddp' if strategy else 'trainer=gpu'})"
+    return [f"{preset} needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False). "
+            "Use trainer=cpu (one process) or trainer=ddp_cpu (two CPU processes)"]
 
 
 def validate(cfg: DictConfig) -> None:
