@@ -10,20 +10,27 @@ from helpers import configured, step_batch
 from enigma_lightning.losses.ot import completion_points, normalize_clouds, sinkhorn_divergence
 
 
-def log_domain_sinkhorn_divergence(x, y, eps, iters=5000):
-    """Debiased entropic OT with cost |x-y|^2/2 and uniform weights, plain log-domain Sinkhorn (no eps-scaling)."""
+def log_domain_sinkhorn_divergence(x, y, eps, iters=5000, grad=False):
+    """Debiased entropic OT with cost |x-y|^2/2 and uniform weights, plain log-domain Sinkhorn (no eps-scaling), in
+    float64. ``grad``: also its gradient with respect to x from the converged potentials (envelope theorem):
+    sum_j P_ij (x_i - y_j) - sum_j Q_ij (x_i - x_j), P and Q the plans of OT(x, y) and OT(x, x)."""
 
     def ot(a_pts, b_pts):
-        c = torch.cdist(a_pts.double(), b_pts.double()) ** 2 / 2
+        a_pts, b_pts = a_pts.double(), b_pts.double()
+        c = torch.cdist(a_pts, b_pts) ** 2 / 2
         la = torch.full((a_pts.size(0),), -math.log(a_pts.size(0)), dtype=torch.float64)
         lb = torch.full((b_pts.size(0),), -math.log(b_pts.size(0)), dtype=torch.float64)
         f, g = torch.zeros_like(la), torch.zeros_like(lb)
         for _ in range(iters):
             f = -eps * torch.logsumexp(lb[None, :] + (g[None, :] - c) / eps, dim=1)
             g = -eps * torch.logsumexp(la[:, None] + (f[:, None] - c) / eps, dim=0)
-        return (la.exp() * f).sum() + (lb.exp() * g).sum()
+        plan = torch.exp((f[:, None] + g[None, :] - c) / eps + la[:, None] + lb[None, :])
+        dx = (plan.sum(1, keepdim=True) * a_pts - plan @ b_pts)  # sum_j P_ij (a_i - b_j)
+        return (la.exp() * f).sum() + (lb.exp() * g).sum(), dx
 
-    return ot(x, y) - ot(x, x) / 2 - ot(y, y) / 2
+    (vxy, gxy), (vxx, gxx), (vyy, _) = ot(x, y), ot(x, x), ot(y, y)
+    value = vxy - vxx / 2 - vyy / 2
+    return (value, gxy - gxx) if grad else value
 
 
 def test_identical_clouds_give_zero():
@@ -46,6 +53,25 @@ def test_matches_independent_log_domain_sinkhorn(eps):
     expected = log_domain_sinkhorn_divergence(x, y, eps).item()
     ours = sinkhorn_divergence(x, y, epsilon=eps, scaling=0.99).item()
     assert ours == pytest.approx(expected, rel=2e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("case", ["paired", "unrelated"])
+def test_default_solver_gradient_matches_a_converged_solve(case):
+    """At the defaults (epsilon 0.05, scaling 0.9, L2-normalised points of the embedded model's width, 576) the
+    gradient the policy receives is within 1% of a converged solve's (measured: 0.4%; scaling 0.99 gives 0.03% for
+    ~10x the solver's time), on paired clouds (policy drifted from the reference) and on unrelated ones. In a few
+    dimensions the same settings are less accurate (13% at D=16, N=40): the default suits hidden states."""
+    torch.manual_seed(3)
+    y = torch.nn.functional.normalize(torch.randn(64, 576), dim=-1)
+    noise = torch.randn(64, 576)
+    x = torch.nn.functional.normalize(y + 0.3 * noise if case == "paired" else noise, dim=-1)
+    x.requires_grad_(True)
+    value = sinkhorn_divergence(x, y)  # the OT term's defaults
+    value.backward()
+    ref_value, ref_grad = log_domain_sinkhorn_divergence(x.detach(), y, 0.05, iters=2000, grad=True)
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-3)
+    err = (x.grad.double() - ref_grad).norm() / ref_grad.norm()
+    assert err < 1e-2, f"relative gradient error {err:.2e}"
 
 
 def test_gradient_reaches_policy_cloud_only_and_grad_mode_is_restored():

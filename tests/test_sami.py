@@ -109,7 +109,7 @@ def test_stop_gradient_negatives_same_scores_gradient_only_through_matched_cells
     logps, exact = step.logps, _scores(module, step)
     assert set(timings) == {"policy_forward"}  # exact: the re-scoring is part of the policy forward, not timed apart
     module.terms["sami"].negatives_grad = False
-    module.overwrite_logits = False  # two backward passes below
+    module.forwards.overwrite_logits = False  # two backward passes below
     timings = {}
     step = module.step_batch(buf, timings)
     logps_sg, scores = step.logps, _scores(module, step)
@@ -225,8 +225,7 @@ def test_step_after_rollout_reads_nothing_back_from_the_device(make_cfg, monkeyp
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, watched(getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch, "equal", watched(torch.equal))
-    loss_value = module.training_step(batch, 0)
-    loss_value.backward()
+    loss_value = module.forward_backward(batch)
     monkeypatch.undo()
     assert reads == []
     assert torch.isfinite(loss_value)

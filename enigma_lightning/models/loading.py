@@ -19,7 +19,8 @@ from torch import nn
 from ..errors import EnigmaError
 from . import compat, embedded, tiny
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "auto": "auto"}
 
 
 @dataclass

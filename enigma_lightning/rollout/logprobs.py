@@ -135,7 +135,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 raise RuntimeError(
                     "a second backward through log-probs whose logits hold the first backward's gradient "
                     "(selective_log_softmax(overwrite=True)); compute them with per_token_logps(..., "
-                    "overwrite_logits=False), or set EnigmaModule.overwrite_logits = False, to backward more than once")
+                    "overwrite_logits=False), or set EnigmaModule.forwards.overwrite_logits = False, to backward more than once")
             ctx.overwritten = True
         logits, index, lse, *rest = ctx.saved_tensors
         head = rest[0] if rest else None

@@ -65,6 +65,17 @@ class PrefixPlan:
     def row_prefix_lengths(self) -> list[int]:
         return [len(self.prefixes[gi]) if gi >= 0 else 0 for gi in self.row_group]
 
+    def subset(self, start: int, stop: int) -> PrefixPlan:
+        """The plan of distinct prompts ``start .. stop - 1``, numbered from 0 (a micro-batch's prompts); a group left
+        with one member runs its prompt whole."""
+        groups, prefixes = [], []
+        for members, prefix in zip(self.groups, self.prefixes, strict=True):
+            kept = tuple(u - start for u in members if start <= u < stop)
+            if len(kept) >= 2:
+                groups.append(kept)
+                prefixes.append(prefix)
+        return PrefixPlan(self.lengths[start:stop], tuple(groups), tuple(prefixes))
+
     def ungrouped(self) -> PrefixPlan:
         """The same prompts, each run whole (every rank runs the same forwards: FSDP)."""
         return PrefixPlan(self.lengths)

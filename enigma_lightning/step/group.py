@@ -27,6 +27,8 @@ class GroupConfig:
     num_iterations: int  # optimiser steps per rollout (> 1 keeps the sampling policy's log-probs as old_logps)
     scale_rewards: str  # group | batch | none
     mask_truncated_completions: bool  # completions that hit max_new_tokens leave the loss
+    micro_batch_size: int | None  # rows per policy forward/backward (None: the whole step; see .microbatch)
+    max_grad_norm: float | None  # clip the gradient's global norm before the optimiser step (None: off)
 
     def advantages(self, rewards: Tensor) -> tuple[Tensor, Tensor]:
         return group_advantages(rewards, self.num_generations, self.scale_rewards)

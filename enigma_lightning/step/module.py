@@ -31,16 +31,18 @@ from ..losses.base import Layout, LossTerm, Needs, StepBatch
 from ..metrics.rollout import rollout_metrics, sample_rows
 from ..models.encoder import PrincipleEncoder
 from ..models.loading import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokenizer
-from ..rewards import RewardModel, answers_match, extract_answer, is_strict
+from ..rewards import RewardModel
 from ..rollout.hf import generate
 from ..rollout.sampling import SamplingConfig, row_seeds
 from .checkpoint import FROZEN_PREFIXES, restore_frozen, strip_frozen
 from .distributed import is_distributed, is_sharded, tokens_per_rank
-from .forwards import StepForwards
+from .forwards import StepForwards, objective
 from .group import GroupConfig
+from .microbatch import cached_forwards, replay
+from .validation import GreedyValidation
 
 
-class EnigmaModule(L.LightningModule):
+class EnigmaModule(GreedyValidation, L.LightningModule):
     def __init__(
         self,
         *,
@@ -83,23 +85,14 @@ class EnigmaModule(L.LightningModule):
             raise ValueError("a loss term needs principle embeddings; set encoder=minilm")
         emb = encoder.encode(self.variants) if self.needs.principle_embeddings else torch.zeros(0)
         self.register_buffer("principle_embeddings", emb, persistent=False)
-        self.forwards = StepForwards(self.needs, sampling.temperature)
+        self.forwards = StepForwards(self.needs, sampling.temperature, group.micro_batch_size)
+        self.automatic_optimization = False  # training_step steps the optimiser (micro-batched backward)
         self._buffer: dict[str, Any] | None = None
         self.last_samples: list[dict] = []
         self.last_completion_tokens = 0
         self.last_timings: dict[str, float] = {}
         self.sync_timings = False  # wait for the device before reading the clock (benchmarks; callbacks.timer)
         self.val_best: float | None = None
-
-    @property
-    def overwrite_logits(self) -> bool:
-        """The policy forward's logits take their own gradient in the backward (one logits-sized buffer, not two);
-        False to backward more than once through a step's graph (retain_graph: per-term gradient probes)."""
-        return self.forwards.overwrite_logits
-
-    @overwrite_logits.setter
-    def overwrite_logits(self, value: bool) -> None:
-        self.forwards.overwrite_logits = value
 
     # ---- prompts and rollout -------------------------------------------------------------------------------------
     def render(self, questions: list[str], variants: list[str] | None = None) -> list[str]:
@@ -177,6 +170,22 @@ class EnigmaModule(L.LightningModule):
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> torch.Tensor:
+        """One rollout (or the reused one), one optimiser step. Optimisation is manual: the backward may run in
+        micro-batches (:meth:`forward_backward`); clipping (``step.max_grad_norm``) and the scheduler as Lightning's
+        automatic optimisation does them."""
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = self.forward_backward(batch)
+        if self.group.max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=self.group.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        if (scheduler := self.lr_schedulers()) is not None:
+            scheduler.step()
+        return loss
+
+    def forward_backward(self, batch: dict[str, list]) -> torch.Tensor:
+        """Rollout, forwards, every term, and the backward (gradients accumulate in ``.grad``); returns the loss,
+        detached. With ``step.micro_batch_size`` below the step's rows, in micro-batches (:mod:`.microbatch`)."""
         fresh = self._buffer is None or self.global_step % self.group.num_iterations == 0
         if fresh:
             self._buffer = self._new_rollout(batch)
@@ -184,36 +193,48 @@ class EnigmaModule(L.LightningModule):
         # a reused rollout (step.num_iterations > 1) costs nothing this step
         timings = {"generation": buf["gen_time"] if fresh else 0.0, "reward": buf["reward_time"] if fresh else 0.0,
                    "reference": buf["ref_time"] if fresh else 0.0}
-        step = self.step_batch(buf, timings)
-        logps = step.logps
-        total = logps.new_zeros(())
-        metrics: dict[str, Any] = {}
-        for name, term in self.terms.items():
-            t0 = self._clock()
-            loss, term_metrics = term(step)
-            timings[name] = self._clock() - t0
-            total = total + term.weight * loss
-            metrics[f"train/{name}/loss"] = loss.detach()
-            metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items()})
+        requests = self.forwards.requests(dict(self.terms), buf["layout"], self.per_prompt, ro.completion_ids.device)
+        mb = self.group.micro_batch_size
+        cached = mb is not None and any(r.size(ro) > mb for r in requests)
+        step, outs = self._step_inputs(buf, timings, requests, cached)
+        total, metrics = objective(self.terms, step, self._clock, timings)
+        t0 = self._clock()
+        self._backward(total)
+        self.last_micro_batches = 1
+        if cached:  # the micro-batches' forwards and backwards, with the gradients the whole step gave the leaves
+            self.last_micro_batches = replay(self.forwards, self.policy, ro, requests, outs, self._backward)
+        timings["backward"] = self._clock() - t0
         self.last_timings = timings
         metrics["train/loss"] = total.detach()
         metrics.update(self._rollout_metrics(buf))
+        n = step.logps.size(0)
         # across ranks: the mean of the ranks' values (equal completions per rank, so the global mean)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=logps.size(0), sync_dist=self._distributed)
-        self.log("reward", metrics["train/reward/mean"], prog_bar=True, logger=False, batch_size=logps.size(0))
-        self.log("format", metrics["train/format/strict_rate"], prog_bar=True, logger=False, batch_size=logps.size(0))
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n, sync_dist=self._distributed)
+        self.log("reward", metrics["train/reward/mean"], prog_bar=True, logger=False, batch_size=n)
+        self.log("format", metrics["train/format/strict_rate"], prog_bar=True, logger=False, batch_size=n)
         self.last_completion_tokens = ro.completion_mask.sum()  # a tensor: read when logged, not now
-        return total
+        return total.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.manual_backward(loss) if self._trainer is not None else loss.backward()
 
     def step_batch(self, buf: dict[str, Any], timings: dict[str, float]) -> StepBatch:
         """What the terms read this step: the policy forward (with every term's scored rows), the reference's
         outputs kept with the rollout, and each term's ``prepare`` result. Phase times go to ``timings``."""
         ro = buf["ro"]
+        requests = self.forwards.requests(dict(self.terms), buf["layout"], self.per_prompt, ro.completion_ids.device)
+        return self._step_inputs(buf, timings, requests, cached=False)[0]
+
+    def _step_inputs(self, buf: dict[str, Any], timings: dict[str, float], requests: list, cached: bool):
+        """(StepBatch, the outputs of the policy's forward ``requests``); ``cached``: the outputs are leaves computed
+        without gradient (:func:`.microbatch.cached_forwards`)."""
+        ro = buf["ro"]
         t0 = self._clock()
-        logps, hidden, scored = self.forwards.policy(self.policy, ro, dict(self.terms), buf["layout"],
-                                                     self.per_prompt, self._clock, timings)
+        outs = cached_forwards(self.forwards, self.policy, ro, requests, self._clock, timings) if cached \
+            else self.forwards.run_all(self.policy, ro, requests, self._clock, timings)
         timings["policy_forward"] = self._clock() - t0 - sum(v for k, v in timings.items()
                                                              if k.endswith("_scored_rows"))
+        logps, hidden, scored = self.forwards.assemble(requests, outs)
         step = StepBatch(ro.prompt_ids, ro.prompt_mask, ro.completion_ids, buf["mask"], ro.completion_mask,
                          buf["advantages"], logps, buf["layout"], old_logps=buf["old_logps"], ref_logps=buf["ref_logps"],
                          hidden=hidden, ref_hidden=buf["ref_hidden"],
@@ -226,32 +247,13 @@ class EnigmaModule(L.LightningModule):
             if (prepared := term.prepare(forward, step)) is not None:
                 step.prepared[name] = prepared
                 timings[f"{name}_prepare"] = self._clock() - t0
-        return step
+        return step, outs
 
     def _rollout_metrics(self, buf: dict[str, Any]) -> dict[str, Any]:
         ro, rewards = buf["ro"], buf["rewards"]
         self.last_samples = sample_rows(self.global_step, buf["prompts"], ro.completions, buf["reward_list"],
                                         buf["columns"].get("target"))[: self.num_samples_kept]
         return rollout_metrics(ro, rewards, buf["per_func"], buf["std_zero"], buf["advantages"], self.reward.names)
-
-    # ---- validation: greedy decoding on the held-out split -------------------------------------------------------
-    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        ro = generate(self.policy, self.tokenizer, self.render(batch["source"]), 1, self.sampling,
-                      prefill=self.prompt.prefill, greedy=True, synced_gpus=self._sharded)
-        strict = [is_strict(c) for c in ro.completions]
-        correct = [s and answers_match(extract_answer(c), t) for s, c, t in zip(strict, ro.completions,
-                                                                                  batch["target"], strict=True)]
-        n = len(strict)
-        self.log("val/format_rate", sum(strict) / n, batch_size=n, on_epoch=True, sync_dist=self._distributed)
-        self.log("val/accuracy", sum(correct) / n, batch_size=n, on_epoch=True, sync_dist=self._distributed)
-        self.log("val/completions/mean_length", ro.lengths.float().mean().item(), batch_size=n, on_epoch=True,
-                 sync_dist=self._distributed)
-
-    def on_validation_epoch_end(self) -> None:
-        acc = self.trainer.callback_metrics.get("val/accuracy")
-        if acc is not None and not self.trainer.sanity_checking:
-            self.val_best = float(acc) if self.val_best is None else max(self.val_best, float(acc))
-            self.log("val/accuracy_best", self.val_best, sync_dist=self._distributed)  # the same on every rank
 
     # ---- optimiser -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
