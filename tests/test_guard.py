@@ -42,7 +42,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_finite_checkpoints(make
     out = tmp_path / "run"
     signal = ["+reward.funcs.length._target_=helpers.length_reward", "+reward.funcs.length._partial_=true",
               "allowed_targets=[helpers]"]
-    cfg = make_cfg(*QUICK, *signal, "optim=adamw_warmup", "optim.optimizer.lr=1e30", "trainer.gradient_clip_val=null", "trainer.max_steps=6",
+    cfg = make_cfg(*QUICK, *signal, "optim=adamw_warmup", "optim.optimizer.lr=1e30", "step.max_grad_norm=null", "trainer.max_steps=6",
                    "callbacks.checkpoint.every_n_train_steps=1", out=out)
     # the warm-up's first step has lr 0 (a checkpoint of it is kept), the next diverges
     with pytest.raises(NonFiniteError, match=r"step [1-5]: .*not finite"):

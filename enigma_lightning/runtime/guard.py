@@ -76,8 +76,9 @@ class NonFiniteGuard(L.Callback):
             log.warning("step %d skipped (not applied): %s", step, what)
             return
         raise NonFiniteError(
-            f"step {step}: {what}. The step was not applied: the weights are those after step {step - 1}, and the "
-            "checkpoints hold finite weights. Lower optim.optimizer.lr (or keep trainer.gradient_clip_val), check the "
+            f"step {step}: {what}. The step was not applied: the weights are "
+            + (f"those after step {step - 1}" if step else "the initial ones")
+            + ", and the checkpoints hold finite weights. Lower optim.optimizer.lr (or keep step.max_grad_norm), check the "
             "reward functions, or set callbacks.guard.on_nonfinite=skip to skip such steps")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

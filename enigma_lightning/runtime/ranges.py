@@ -4,7 +4,7 @@ against it and returns one message per bad value, naming the key, the value and 
 A rule is ``(key, allowed, fix, when)``: ``allowed`` an :class:`Allowed` (a number range, a list of choices, a
 boolean), ``fix`` the value the message suggests, ``when`` a loss term that must be selected (``grpo``, ``sami``,
 ``ot``), a top-level key that must be set (``encoder``, ``callbacks.probes``), or None (always). Keys absent from the
-config are not checked (an optimiser without ``betas``, a trainer preset without ``gradient_clip_val``).
+config are not checked (an optimiser without ``betas``, a scheduler without ``num_warmup_steps``).
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "16", "bf16-mixed", 
 RULES: list[tuple[str, Allowed, Any, str | None]] = [
     ("seed", ge(0, integer=True), 0, None),
     ("step.mask_truncated_completions", BOOL, "false", None),
+    ("step.micro_batch_size", ge(1, integer=True, null=True), "null", None),
+    ("step.max_grad_norm", gt(0, null=True), 1.0, None),
     # terms
     ("grpo.weight", ge(0), 1.0, "grpo"),
     ("grpo.beta", ge(0), 0.0, "grpo"),
@@ -130,13 +132,12 @@ RULES: list[tuple[str, Allowed, Any, str | None]] = [
     ("optim.optimizer.momentum", ge(0), 0.0, None),
     ("optim.scheduler.num_warmup_steps", ge(0, integer=True), 10, None),
     # model and encoder
-    ("model.dtype", one_of("float32", "bfloat16", "float16", "auto"), "float32", None),
+    ("model.dtype", one_of("float32", "float64", "bfloat16", "float16", "auto"), "float32", None),
     ("model.gradient_checkpointing", BOOL, "true", None),
     ("model.checkpoint_every_n_layers", ge(1, integer=True), 1, None),
     ("model.trust_remote_code", BOOL, "false", None),
     ("encoder.max_length", ge(1, integer=True), 256, "encoder"),
     # trainer
-    ("trainer.gradient_clip_val", gt(0, null=True), 1.0, None),
     ("trainer.log_every_n_steps", ge(1, integer=True), 1, None),
     ("trainer.val_check_interval", ge(1, integer=True, also=Allowed(lo=0, hi=1, lo_open=True)), 10, None),
     ("trainer.limit_val_batches", ge(0, integer=True, also=Allowed(lo=0, hi=1)), 1.0, None),

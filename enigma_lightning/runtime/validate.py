@@ -128,10 +128,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
     ms = _get(cfg, "trainer.max_steps")
     if not isinstance(ms, int) or ms < 1:
         p.append(f"trainer.max_steps must be >= 1 (training is counted in GRPO steps); got {ms}. Set trainer.max_steps=20")
+    if _get(cfg, "trainer.gradient_clip_val") is not None:
+        p.append(f"trainer.gradient_clip_val={_get(cfg, 'trainer.gradient_clip_val')}: the step clips the gradient "
+                 "itself (it may run in micro-batches). Set step.max_grad_norm=<value> and trainer.gradient_clip_val=null")
     acc = _get(cfg, "trainer.accumulate_grad_batches", 1)
     if acc != 1:
         p.append(f"trainer.accumulate_grad_batches must be 1 (one GRPO step = one rollout = one optimiser step); "
-                 f"got {acc}. Raise data.batch_size instead")
+                 f"got {acc}. Raise data.batch_size instead; to bound memory set step.micro_batch_size")
 
     funcs, weights = _get(cfg, "reward.funcs"), _get(cfg, "reward.weights")
     if not funcs:
