@@ -50,8 +50,9 @@ TABLE: list[tuple[str, str]] = [
      "reference forward), `policy_forward` (the policy forward with grad; with exact SAMI it also scores every "
      "completion under every variant, in the same batch), `<term>_prepare` (a term's prepare hook: with "
      "`sami.negatives_grad=false`, the no-grad forward over the mismatched cells), `<term>_scored_rows` (a term's "
-     "extra rows when they run in a forward of their own), and each term's own computation (`grpo`, `sami`, `ot`: "
-     "for OT the Sinkhorn solve)"),
+     "extra rows when they run in a forward of their own), each term's own computation (`grpo`, `sami`, `ot`: "
+     "for OT the Sinkhorn solve), and `backward` (with `step.micro_batch_size`: each micro-batch's forward with "
+     "gradient and its backward; the `policy_forward` before it then runs without gradient)"),
     ("perf/<phase>_share", "the same as a share of `perf/step_time`"),
     ("val/format_rate", "held-out split, greedy decoding: fraction in the strict format (every "
      "`trainer.val_check_interval` steps)"),
