@@ -62,7 +62,7 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
     ):
         super().__init__()
         if not terms:
-            raise ValueError("loss selects no term; choose loss=grpo (or loss=[grpo,<term>], loss=full)")
+            raise ValueError("loss selects no term; select terms with loss=<name> or loss=[<name>,...] (conf/loss/)")
         self.spec, self.sampling, self.prompt, self.principles = model, sampling, prompt, principles
         self.reward, self.optimizer_factory, self.scheduler_factory = reward, optimizer, scheduler
         self.group, self.seed, self.num_samples_kept = group, seed, num_samples_kept
