@@ -79,3 +79,14 @@ def test_run_folder_trust_remote_code_is_not_taken_silently(tmp_path):
         assert "sets model.trust_remote_code=true" in str(e) and "model.trust_remote_code=true" in str(e)
     cfg.model.trust_remote_code = True
     assert merge_run_config(cfg).model.name_or_path == "tiny:llama"
+
+
+def test_hydra_callback_targets_are_checked_before_hydra_builds_them():
+    from enigma_lightning.runtime.cli import hydra_target_problems
+
+    bad = "+hydra.callbacks.x._target_=builtins.exec"
+    assert hydra_target_problems([bad]) == [
+        "hydra.callbacks.x._target_=builtins.exec is not an allowed target (the project's own, Hydra's plugins, ...). "
+        "If you trust it, allow it explicitly: allowed_targets=[builtins.exec]"]
+    assert hydra_target_problems([bad, "allowed_targets=[builtins.exec]"]) == []
+    assert hydra_target_problems(["+hydra.callbacks.r._target_=enigma_lightning.commands.report.SweepReportCallback"]) == []

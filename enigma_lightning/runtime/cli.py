@@ -45,6 +45,26 @@ def moved_keys(argv: list[str]) -> list[str]:
     return out
 
 
+def hydra_target_problems(argv: list[str]) -> list[str]:
+    """Hydra builds ``hydra.*`` objects (callbacks, launchers, sweepers) before any of our code sees the config, so
+    their ``_target_`` overrides are checked here, against the same allow-list (plus Hydra's own plugins)."""
+    from .targets import allowed
+
+    extra: list[str] = []
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "allowed_targets":
+            extra += [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+    out = []
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key.startswith("hydra.") and key.endswith("._target_") and not (
+                allowed(value, extra) or value.startswith(("hydra.", "hydra_plugins."))):
+            out.append(f"{key}={value} is not an allowed target (the project's own, Hydra's plugins, ...). If you trust "
+                       f"it, allow it explicitly: allowed_targets=[{value}]")
+    return out
+
+
 def offline_defaults() -> None:
     """No hub round-trips when the user has said there is no hub (HF_HUB_OFFLINE=1 in CI and tests)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -68,7 +88,7 @@ def exit_on_user_error():
 def entry_point(main) -> None:
     """Run a Hydra ``main``: offline defaults, ``model=<hub id or folder>`` rewritten."""
     offline_defaults()
-    if problems := moved_keys(sys.argv[1:]):
+    if problems := moved_keys(sys.argv[1:]) + hydra_target_problems(sys.argv[1:]):
         print("\nerror: " + "\n       ".join(problems), file=sys.stderr)
         sys.exit(2)
     sys.argv = [sys.argv[0], *rewrite_model_override(sys.argv[1:])]
