@@ -108,3 +108,13 @@ def sigterm_at(at_step: int = 1):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     return SigtermAt()
+
+
+def sampling(**kwargs):
+    """The rollout's SamplingConfig with the YAML's defaults and ``kwargs`` changed."""
+    return configured("rollout", **kwargs)
+
+
+def data_module(**kwargs):
+    """The data module with the YAML's defaults (conf/data/bundled.yaml) and ``kwargs`` changed."""
+    return configured("data", **kwargs)

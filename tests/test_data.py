@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from helpers import data_module
 
 from enigma_lightning.data import bundled
 from enigma_lightning.data.datasets import (
-    CoTDataModule,
     StepBatchSampler,
     bundled_path,
     check_rows,
@@ -68,7 +68,7 @@ def test_datamodule_split_limit_and_columns(tmp_path):
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
     path = tmp_path / "other_schema.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    dm = CoTDataModule(path=str(path), columns={"source": "question", "target": "answer"}, val_size=8, limit=20,
+    dm = data_module(path=str(path), columns={"source": "question", "target": "answer"}, val_size=8, limit=20,
                        batch_size=8, num_generations=4)
     dm.setup()
     assert len(dm.val_rows) == 8 and len(dm.train_rows) == 20

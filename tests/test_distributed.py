@@ -6,6 +6,7 @@ import csv
 
 import pytest
 import torch
+from helpers import sampling
 
 from enigma_lightning.data.datasets import StepBatchSampler
 
@@ -29,17 +30,17 @@ def test_per_completion_seeds_do_not_depend_on_the_batch(tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from enigma_lightning.rollout.hf import generate
-    from enigma_lightning.rollout.sampling import SamplingConfig, row_seeds
+    from enigma_lightning.rollout.sampling import row_seeds
 
     tok = AutoTokenizer.from_pretrained(tiny_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, seed_per_prompt=True)
+    cfg_sampling = sampling(max_new_tokens=12, temperature=1.0, seed_per_prompt=True)
     prompts = ["What is 2 + 2?", "Name a colour, please, and explain why it is your favourite"]
-    both = generate(model, tok, prompts, 3, sampling, seeds=row_seeds(0, 5, prompts, 3))
-    alone = generate(model, tok, prompts[1:], 3, sampling, seeds=row_seeds(0, 5, prompts[1:], 3))
+    both = generate(model, tok, prompts, 3, cfg_sampling, seeds=row_seeds(0, 5, prompts, 3))
+    alone = generate(model, tok, prompts[1:], 3, cfg_sampling, seeds=row_seeds(0, 5, prompts[1:], 3))
     assert both.completions[3:] == alone.completions
     assert len(set(both.completions[3:])) > 1  # still random within a group
-    other_step = generate(model, tok, prompts[1:], 3, sampling, seeds=row_seeds(0, 6, prompts[1:], 3))
+    other_step = generate(model, tok, prompts[1:], 3, cfg_sampling, seeds=row_seeds(0, 6, prompts[1:], 3))
     assert other_step.completions != alone.completions
     assert row_seeds(0, 5, ["a", "a"], 1)[0] != row_seeds(0, 5, ["a", "a"], 1)[1]  # repeated prompts differ
 

@@ -3,6 +3,7 @@ read-only prompt cache of training under activation checkpointing."""
 
 import pytest
 import torch
+from helpers import sampling
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -10,7 +11,7 @@ from enigma_lightning.data.prompts import PromptTemplate
 from enigma_lightning.models.compat import ReadOnlyLayer, ReservedLayer, read_only
 from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokenizer
 from enigma_lightning.rollout.hf import generate
-from enigma_lightning.rollout.sampling import SamplingConfig, row_seeds
+from enigma_lightning.rollout.sampling import row_seeds
 
 
 def _steps(seed: int = 0):
@@ -100,13 +101,13 @@ def test_generation_samples_the_same_tokens_with_the_reserved_cache(tiny, monkey
     monkeypatch.setattr(rollout, "prefill_prompts", lambda *a, **k: prefills.append(1) or real_prefill(*a, **k))
     outs = {}
     for reserve_cache in (True, False):
-        sampling = SamplingConfig(max_new_tokens=10, reserve_cache=reserve_cache, seed_per_prompt=True,
+        cfg_sampling = sampling(max_new_tokens=10, reserve_cache=reserve_cache, seed_per_prompt=True,
                                   repetition_penalty=1.3 if path == "plain" else 1.0)
         before = len(updates)
         if path == "greedy":
-            ro = generate(model, tok, prompts, 1, sampling, greedy=True)
+            ro = generate(model, tok, prompts, 1, cfg_sampling, greedy=True)
         else:
-            ro = generate(model, tok, prompts, 3, sampling, seeds=row_seeds(0, 2, prompts, 3))
+            ro = generate(model, tok, prompts, 3, cfg_sampling, seeds=row_seeds(0, 2, prompts, 3))
         assert (len(updates) > before) == reserve_cache  # the reserved cache ran, or did not
         outs[reserve_cache] = ro
     assert bool(prefills) == (path != "plain")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import sampling
 
 from enigma_lightning.data.prompts import PromptTemplate
 from enigma_lightning.models.compat import checkpointing
@@ -9,7 +10,6 @@ from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokeniz
 from enigma_lightning.rollout.batch import completion_mask_from_eos
 from enigma_lightning.rollout.hf import generate
 from enigma_lightning.rollout.logprobs import per_token_logps, selective_log_softmax
-from enigma_lightning.rollout.sampling import SamplingConfig
 
 
 def test_completion_mask_up_to_first_eos():
@@ -33,7 +33,7 @@ def test_local_folder_in_place_of_hub_id(tiny_dir):
     assert tok.padding_side == "left" and tok.pad_token is not None
     prompt = PromptTemplate(system="{principles}").render(tok, "What is 2 + 2?", "Be clear.")
     assert prompt.endswith("<|im_start|>assistant\n<reasoning>\n")
-    ro = generate(model, tok, [prompt, "short"], 3, SamplingConfig(max_new_tokens=8), prefill="<reasoning>\n")
+    ro = generate(model, tok, [prompt, "short"], 3, sampling(max_new_tokens=8), prefill="<reasoning>\n")
     assert ro.completion_ids.shape[0] == 6 and ro.completion_ids.shape[1] <= 8
     assert all(c.startswith("<reasoning>\n") for c in ro.completions)
     # rows 0-2 share prompt 0 (groups are consecutive)
@@ -130,7 +130,7 @@ def test_shared_prompt_forward_equals_plain_forward(tiny_dir):
     spec = ModelSpec(name_or_path=str(tiny_dir))
     tok, model = load_tokenizer(spec), load_policy(spec)
     prompts = [PromptTemplate(system="{principles}").render(tok, q, "Be clear.") for q in ("What is 2 + 2?", "Hi")]
-    ro = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10))
+    ro = generate(model, tok, prompts, 3, sampling(max_new_tokens=10))
     args = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
     layers = (0, 1, -1)
     # same weights, every layer checkpointed / only layer 0 of 2 (the other keeps its activations)
@@ -215,7 +215,7 @@ def test_reference_forward_without_logits_and_asserted_sharing(tiny_dir, monkeyp
     spec = ModelSpec(name_or_path=str(tiny_dir))
     tok, model = load_tokenizer(spec), load_policy(spec)
     prompts = [PromptTemplate(system="{principles}").render(tok, q, "Be clear.") for q in ("What is 2 + 2?", "Hi")]
-    ro = generate(model, tok, prompts, 2, SamplingConfig(max_new_tokens=6))
+    ro = generate(model, tok, prompts, 2, sampling(max_new_tokens=6))
     args = (model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
     with torch.no_grad():
         _, full = per_token_logps(*args, hidden_layers=[-1], num_generations=2)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import sampling
 
 from enigma_lightning.data.prompts import PromptTemplate
 from enigma_lightning.models.compat import cache_argument, select_rows
@@ -9,7 +10,6 @@ from enigma_lightning.models.loading import ModelSpec, load_policy, load_tokeniz
 from enigma_lightning.rollout.hf import generate
 from enigma_lightning.rollout.logprobs import per_token_logps
 from enigma_lightning.rollout.prefix import PrefixPlan, prefill_prompts
-from enigma_lightning.rollout.sampling import SamplingConfig
 
 QUESTIONS = ("What is 2 + 2?", "Hi", "Name three colours of the rainbow, please")
 VARIANTS = ("Be clear, careful and honest in every step.", "Be vague and evasive; never show any of the steps.")
@@ -67,8 +67,8 @@ def _prompts(tok):
 def test_generation_through_shared_prefixes_equals_plain_generation(tiny, monkeypatch):
     tok, model = tiny
     prompts = _prompts(tok)
-    sampling = SamplingConfig(max_new_tokens=12, seed_per_prompt=True)
-    shared = generate(model, tok, prompts, 1, sampling, greedy=True)
+    cfg_sampling = sampling(max_new_tokens=12, seed_per_prompt=True)
+    shared = generate(model, tok, prompts, 1, cfg_sampling, greedy=True)
     assert len(shared.prefixes.groups) == 2  # one per principle variant
     from enigma_lightning.rollout import hf as rollout
 
@@ -77,11 +77,11 @@ def test_generation_through_shared_prefixes_equals_plain_generation(tiny, monkey
     monkeypatch.setattr(rollout, "prefill_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
     from enigma_lightning.rollout.sampling import row_seeds
 
-    sampled = generate(model, tok, prompts, 3, sampling, seeds=row_seeds(0, 1, prompts, 3))
+    sampled = generate(model, tok, prompts, 3, cfg_sampling, seeds=row_seeds(0, 1, prompts, 3))
     assert calls
     monkeypatch.setattr(PrefixPlan, "from_prompts", classmethod(lambda cls, *a, **k: None))  # the plain path
-    plain = generate(model, tok, prompts, 1, sampling, greedy=True)
-    plain_sampled = generate(model, tok, prompts, 3, sampling, seeds=row_seeds(0, 1, prompts, 3))
+    plain = generate(model, tok, prompts, 1, cfg_sampling, greedy=True)
+    plain_sampled = generate(model, tok, prompts, 3, cfg_sampling, seeds=row_seeds(0, 1, prompts, 3))
     assert len(calls) == 1 and plain.prefixes is None
     assert shared.completions == plain.completions
     assert torch.equal(shared.completion_ids, plain.completion_ids)
@@ -98,11 +98,11 @@ def test_share_prompts_off_runs_every_row_and_samples_the_same(tiny, monkeypatch
     from enigma_lightning.rollout.sampling import row_seeds
 
     seeds = row_seeds(0, 1, prompts, 3)
-    on = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10, seed_per_prompt=True), seeds=seeds)
+    on = generate(model, tok, prompts, 3, sampling(max_new_tokens=10, seed_per_prompt=True), seeds=seeds)
     calls = []
     real = rollout.prefill_prompts
     monkeypatch.setattr(rollout, "prefill_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
-    off = generate(model, tok, prompts, 3, SamplingConfig(max_new_tokens=10, seed_per_prompt=True,
+    off = generate(model, tok, prompts, 3, sampling(max_new_tokens=10, seed_per_prompt=True,
                                                           share_prompts=False), seeds=seeds)
     assert not calls and off.prefixes is not None  # the plan is still made (the training forwards use it)
     assert off.completions == on.completions and torch.equal(off.completion_ids, on.completion_ids)
@@ -111,7 +111,7 @@ def test_share_prompts_off_runs_every_row_and_samples_the_same(tiny, monkeypatch
 def test_forward_through_shared_prefixes_equals_plain_forward(tiny):
     """Log-probs, hidden states and gradients with prefixes shared equal the plain forward over every row."""
     tok, model = tiny
-    ro = generate(model, tok, _prompts(tok), 3, SamplingConfig(max_new_tokens=10))
+    ro = generate(model, tok, _prompts(tok), 3, sampling(max_new_tokens=10))
     assert len(ro.prefixes.groups) == 2
     args = (model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask, 0.9)
     results = []
@@ -178,7 +178,7 @@ def test_the_cache_goes_by_the_name_the_installed_transformers_takes(tiny):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ro = generate(model, tok, _prompts(tok), 3, SamplingConfig(max_new_tokens=6))  # shared prefill, own cache
+            ro = generate(model, tok, _prompts(tok), 3, sampling(max_new_tokens=6))  # shared prefill, own cache
             n = len(tokens)
             logps, _ = per_token_logps(model, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
                                        num_generations=3, prefixes=ro.prefixes)

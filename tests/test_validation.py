@@ -3,8 +3,8 @@ the key (or file and line), the value and the fix, all at once and before any mo
 
 import pytest
 import torch
+from helpers import data_module, sampling
 
-from enigma_lightning.data.datasets import CoTDataModule
 from enigma_lightning.errors import DataError
 from enigma_lightning.runtime.validate import config_problems
 
@@ -108,7 +108,7 @@ def test_bad_data_files_name_the_file_line_and_fix(tmp_path, name):
     f = tmp_path / name
     f.write_text(text)
     with pytest.raises(DataError) as e:
-        CoTDataModule(path=str(f), val_size=0, batch_size=1, num_generations=1).setup()
+        data_module(path=str(f), val_size=0, batch_size=1, num_generations=1).setup()
     assert needle.replace("{f}", str(f)) in str(e.value)
 
 
@@ -117,14 +117,14 @@ def test_columns_naming_a_missing_column_lists_the_columns_found(tmp_path):
     f.write_text("question,answer\nwhat,1\n")
     with pytest.raises(DataError, match=r"data.columns.source=prompt: .* has no column 'prompt' \(its columns: "
                                         r"answer, question\)"):
-        CoTDataModule(path=str(f), val_size=0, columns={"source": "prompt", "target": "answer"}).setup()
+        data_module(path=str(f), val_size=0, columns={"source": "prompt", "target": "answer"}).setup()
 
 
 def test_val_size_too_large_blames_val_size(tmp_path):
     f = tmp_path / "two.jsonl"
     f.write_text('{"source": "a", "target": "1"}\n{"source": "b", "target": "2"}\n')
     with pytest.raises(DataError, match=r"too few to hold out data.val_size=5 .* Set data.val_size=0"):
-        CoTDataModule(path=str(f), val_size=5).setup()
+        data_module(path=str(f), val_size=5).setup()
 
 
 # ---- over-long prompts keep their end ------------------------------------------------------------------------------
@@ -133,7 +133,6 @@ def test_long_prompts_are_cut_from_the_left_and_keep_the_prefill(tiny_dir):
 
     from enigma_lightning.data.prompts import PromptTemplate
     from enigma_lightning.rollout.hf import encode_prompts
-    from enigma_lightning.rollout.sampling import SamplingConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_dir, padding_side="left")
     prompt = PromptTemplate(system="{principles}")
@@ -141,13 +140,13 @@ def test_long_prompts_are_cut_from_the_left_and_keep_the_prefill(tiny_dir):
              prompt.render(tok, "2 + 2?", "Be careful.")]
     full, short = tok(texts, add_special_tokens=False)["input_ids"]
     limit = len(short) + 2
-    enc = encode_prompts(tok, texts, SamplingConfig(max_prompt_length=limit))
+    enc = encode_prompts(tok, texts, sampling(max_prompt_length=limit))
     assert enc["input_ids"].shape[1] == limit
     assert enc["input_ids"][0].tolist() == full[-limit:]  # the end: question's end, end of turn, header, prefill
     assert tok.decode(enc["input_ids"][0]).endswith(prompt.prefill)
     with pytest.raises(DataError, match=rf"1 prompt\(s\) are longer than rollout.max_prompt_length={limit} .* "
                                         r"rollout.long_prompts=left"):
-        encode_prompts(tok, texts, SamplingConfig(max_prompt_length=limit, long_prompts="error"))
+        encode_prompts(tok, texts, sampling(max_prompt_length=limit, long_prompts="error"))
 
 
 # ---- SAMI's encoder critic under step.mask_truncated_completions ---------------------------------------------------

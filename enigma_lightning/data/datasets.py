@@ -154,29 +154,30 @@ def collate(rows: list[dict]) -> dict[str, list]:
 
 
 class CoTDataModule(L.LightningDataModule):
-    """Prompts for GRPO. ``batch_size`` counts completions per step and per rank (as TRL's per-device batch does):
+    """Prompts for GRPO (defaults: ``conf/data/bundled.yaml``). ``batch_size`` counts completions per step and per rank (as TRL's per-device batch does):
     each step draws ``batch_size // num_generations`` prompts per rank and samples ``num_generations`` completions
     each. Batches are drawn by :class:`StepBatchSampler`, which also splits them across ranks (the trainer presets
     set ``use_distributed_sampler: false`` so Lightning leaves it alone)."""
 
     def __init__(
         self,
-        path: str = "bundled",
-        name: str | None = None,
+        *,
+        path: str,
+        val_path: str | None,
+        val_split: str | None,
+        val_size: int,
+        limit: int | None,
+        tasks: list[str] | None,
+        columns: dict[str, str] | None,
+        batch_size: int,
+        num_generations: int,
+        val_batch_size: int,
+        seed: int,
+        on_bad_rows: str,
+        num_workers: int,
+        name: str | None = None,  # a hub dataset's configuration (conf/data/cot_collection.yaml sets these three)
         split: str = "train",
         revision: str | None = None,
-        val_path: str | None = None,
-        val_split: str | None = None,
-        val_size: int = 64,
-        limit: int | None = None,
-        tasks: list[str] | None = None,
-        columns: dict[str, str] | None = None,
-        batch_size: int = 16,
-        num_generations: int = 4,
-        val_batch_size: int = 16,
-        seed: int = 0,
-        on_bad_rows: str = "error",
-        num_workers: int = 0,
     ):
         super().__init__()
         self.path, self.name, self.split, self.revision = path, name, split, revision

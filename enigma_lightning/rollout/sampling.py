@@ -9,21 +9,21 @@ import torch
 from torch import Tensor
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingConfig:
-    """Sampling settings of the rollout (``conf/rollout/*.yaml``)."""
+    """Sampling settings of the rollout; their defaults live in ``conf/rollout/default.yaml``."""
 
-    max_new_tokens: int = 96
-    min_new_tokens: int = 0  # > 0 suppresses EOS before this many tokens (fixed-length rollouts for benchmarks)
-    temperature: float = 0.9
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    max_prompt_length: int | None = 1024  # longer prompts: see long_prompts
-    long_prompts: str = "left"  # left: cut from the left (the question's end, template and prefill stay) | error
-    seed_per_prompt: bool = False  # each completion's randomness from (seed, step, prompt, index): see row_seeds
-    reserve_cache: bool = True  # KV cache written in place while sampling, not grown by torch.cat (see kvcache)
-    share_prompts: bool = True  # prefill each distinct prompt (and shared opening) once, repeat its cache over G
+    max_new_tokens: int
+    min_new_tokens: int  # > 0 suppresses EOS before this many tokens (fixed-length rollouts for benchmarks)
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_prompt_length: int | None  # longer prompts: see long_prompts
+    long_prompts: str  # left: cut from the left (the question's end, template and prefill stay) | error
+    seed_per_prompt: bool  # each completion's randomness from (seed, step, prompt, index): see row_seeds
+    reserve_cache: bool  # KV cache written in place while sampling, not grown by torch.cat (see kvcache)
+    share_prompts: bool  # prefill each distinct prompt (and shared opening) once, repeat its cache over G
 
 
 
