@@ -66,7 +66,7 @@ def test_multiple_choice_benchmarks_load_through_datasets_from_local_files(tmp_p
 
 
 def test_benchmark_errors_name_the_key_and_fix(tmp_path):
-    with pytest.raises(EnigmaError, match=r"benchmark\.gpqa.*local copy"):
+    with pytest.raises(EnigmaError, match=r"benchmark\.gpqa\.path.*local"):
         Benchmark("gpqa", "gpqa", "no-such-owner/no-such-dataset", subset="x").load()
     bad = _write(tmp_path / "bad.jsonl", [{"question": "q"}])
     with pytest.raises(EnigmaError, match=r"benchmark\.tqa: row 0 .*mc1_targets|benchmark\.tqa: row 0"):

@@ -54,7 +54,8 @@ class Benchmark:
         if self.kind not in KINDS:
             raise EnigmaError(f"benchmark.{self.name}.kind must be one of {list(KINDS)}; got {self.kind!r}")
         try:
-            rows = load_rows(self.path, split=self.split, name=self.subset, revision=self.revision)
+            rows = load_rows(self.path, split=self.split, name=self.subset, revision=self.revision,
+                             key=f"benchmark.{self.name}.path")
         except EnigmaError:
             raise
         except Exception as e:  # no hub, gated dataset, wrong id
