@@ -35,7 +35,7 @@ def _searchpath(tmp_path):
     (tmp_path / "conf" / "loss").mkdir(parents=True)
     (tmp_path / "conf" / "loss" / "entropy.yaml").write_text(
         "# @package _global_\nloss:\n  entropy: true\nentropy:\n  _target_: test_terms.EntropyBonus\n"
-        "  weight: 0.01\n  layer: 1\nallowed_targets: [test_terms]\n")
+        "  weight: 0.01\n  layer: 1\n")
     return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
 
 
@@ -44,7 +44,7 @@ def test_a_fourth_term_is_one_class_and_one_yaml_file(make_cfg, tmp_path):
     from enigma_lightning.runtime.validate import config_problems
 
     cfg = make_cfg(_searchpath(tmp_path), "loss=[grpo,entropy]", "entropy.weight=0.5", "experiment=smoke",
-                   out=tmp_path / "run")
+                   "allowed_targets=[test_terms]", out=tmp_path / "run")
     assert cfg.entropy.weight == 0.5 and cfg.grpo.beta == 0.0
     assert config_problems(cfg) == []
     SEEN.clear()
