@@ -1,0 +1,106 @@
+"""FSDP2 (trainer=fsdp_cpu: two CPU processes, gloo) against the one-process run on the same global batch, in float64:
+the same sampled completions, losses and gradient norms; the exported policy/ loads with from_pretrained and equals
+the unsharded one; a run resumed from a sharded (DCP) checkpoint equals the uninterrupted one; LoRA and loss=full
+under FSDP (slow)."""
+
+import csv
+import json
+
+import pytest
+import torch
+from helpers import run_cli
+
+from test_distributed import OPTIM, SIGNAL
+
+COMMON = ["experiment=smoke", "trainer.max_steps=2", "rollout.seed_per_prompt=true", "grpo.loss_type=dapo",
+          "trainer.limit_val_batches=0", "model.dtype=float64", "callbacks.checkpoint.every_n_train_steps=1",
+          "callbacks.checkpoint.save_top_k=-1", *OPTIM, *SIGNAL]
+KEYS = ("train/loss", "train/grad_norm", "train/grpo/loss", "train/reward/mean", "train/completions/mean_length")
+
+
+def _rows(out):
+    with open(out / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _samples(out):
+    return [(s["step"], s["prompt"], s["completion"]) for s in map(json.loads, open(out / "samples.jsonl"))]
+
+
+def _train(out, *args):
+    r = run_cli("enigma_lightning.train", *COMMON, *args, f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _rows(out)
+
+
+def _same_rows(a, b, keys=KEYS, rel=1e-8):
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            tol = 1e-6 if key.startswith("train/reward") else rel  # rewards are float32 (means in another order)
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=tol, abs=1e-12), (key, ra[key], rb[key])
+
+
+def _weights(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).state_dict()
+
+
+def test_fsdp_two_processes_equal_one_process_export_and_resume(tmp_path, tiny_dir):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    a = _train(one, "data.batch_size=16")
+    b = _train(two, "trainer=fsdp_cpu", "data.batch_size=8")
+    _same_rows(a, b)
+    assert abs(float(a[0]["train/loss"])) > 1e-3 and float(a[0]["train/grad_norm"]) > 1e-3  # real numbers
+    # rank 0 keeps its first completions, which are the one-process run's first ones (whole prompts per rank)
+    sa, sb = _samples(one), _samples(two)
+    assert sb and all(s in sa for s in sb) and len({s[2] for s in sb}) > 1
+    # policy/: gathered from the shards, loadable, equal to the unsharded run's (SGD: float64 rounding only)
+    wa, wb = _weights(one / "policy"), _weights(two / "policy")
+    assert sorted(wa) == sorted(wb)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-8
+    base = _weights(tiny_dir)
+    assert max((wa[k] - base[k].double()).abs().max().item() for k in wa) > 1e-4  # and both moved from the base
+    # sharded checkpoints: one folder per checkpoint, the policy and optimiser state, never the frozen reference
+    ckpt = two / "checkpoints" / "step000001.ckpt"
+    keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    assert any(k.startswith("state_dict.policy.") for k in keys) and any(k.startswith("optimizer_0") for k in keys)
+    assert not any(".reference." in k or ".encoder." in k for k in keys)
+    # resumed from step 1's sharded checkpoint: step 2 as in the uninterrupted run, bitwise, and the same policy/
+    c = _train(resumed, "trainer=fsdp_cpu", "data.batch_size=8", f"ckpt_path={ckpt}")
+    assert len(c) == 1 and all(c[0][k] == b[1][k] for k in KEYS), (c, b[1])
+    wc = _weights(resumed / "policy")
+    assert all(torch.equal(wc[k], wb[k]) for k in wb)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_equals_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    lora = ["peft=lora", "peft.lora_dropout=0.0", "peft.r=4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    a = _train(one, *lora, "data.batch_size=16")
+    b = _train(two, *lora, "trainer=fsdp_cpu", "data.batch_size=8")
+    _same_rows(a, b)
+    assert float(a[0]["train/grpo/kl"]) == pytest.approx(float(b[0]["train/grpo/kl"]), rel=1e-8, abs=1e-15)
+    ea, eb = (load_file(d / "policy" / "adapter_model.safetensors") for d in (one, two))
+    assert sorted(ea) == sorted(eb) and len(ea) > 0
+    assert max((ea[k] - eb[k]).abs().max().item() for k in ea) < 1e-8
+    assert not (two / "policy" / "model.safetensors").exists()  # the adapter only, as without FSDP
+
+
+@pytest.mark.slow
+def test_fsdp_full_loss_equals_ddp(tmp_path):
+    """loss=full: OT's Sinkhorn cloud is each rank's own completions (under DDP too), so two processes are compared
+    with two DDP processes on the same split; GRPO and SAMI alone equal the one-process run (test above)."""
+    full = ["loss=full", "step.num_generations=4", "data.batch_size=8"]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    a = _train(ddp, *full, "trainer=ddp_cpu")
+    b = _train(fsdp, *full, "trainer=fsdp_cpu")
+    _same_rows(a, b, keys=(*KEYS, "train/sami/loss", "train/ot/divergence"))
+    assert float(a[0]["train/ot/divergence"]) != 0.0
+    wa, wb = _weights(ddp / "policy"), _weights(fsdp / "policy")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-8
