@@ -69,6 +69,15 @@ def test_fsdp_two_processes_equal_one_process_export_and_resume(tmp_path, tiny_d
     keys = list(FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
     assert any(k.startswith("state_dict.policy.") for k in keys) and any(k.startswith("optimizer_0") for k in keys)
     assert not any(".reference." in k or ".encoder." in k for k in keys)
+    # evaluation and probes read a sharded checkpoint too (gathered into one file): the same weights as policy/
+    from hydra import compose, initialize_config_module
+
+    from enigma_lightning.runtime.checkpoints import load_policy_from, merge_run_config
+
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("evaluate", overrides=["paths.output_dir=unused", f"ckpt_path={two / 'checkpoints/last.ckpt'}"])
+    from_ckpt = load_policy_from(merge_run_config(cfg))[0].state_dict()
+    assert all(torch.equal(from_ckpt[k].double(), wb[k]) for k in wb)
     # resumed from step 1's sharded checkpoint: step 2 as in the uninterrupted run, bitwise, and the same policy/
     c = _train(resumed, "trainer=fsdp_cpu", "data.batch_size=8", f"ckpt_path={ckpt}")
     assert len(c) == 1 and all(c[0][k] == b[1][k] for k in KEYS), (c, b[1])
@@ -80,7 +89,7 @@ def test_fsdp_two_processes_equal_one_process_export_and_resume(tmp_path, tiny_d
 def test_fsdp_lora_equals_one_process(tmp_path):
     from safetensors.torch import load_file
 
-    lora = ["peft=lora", "peft.lora_dropout=0.0", "peft.r=4"]
+    lora = ["peft=lora", "peft.lora_dropout=0.0", "peft.r=4", "grpo.beta=0.04"]  # beta: the adapter-off reference
     one, two = tmp_path / "one", tmp_path / "two"
     a = _train(one, *lora, "data.batch_size=16")
     b = _train(two, *lora, "trainer=fsdp_cpu", "data.batch_size=8")
@@ -95,12 +104,12 @@ def test_fsdp_lora_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_fsdp_full_loss_equals_ddp(tmp_path):
     """loss=full: OT's Sinkhorn cloud is each rank's own completions (under DDP too), so two processes are compared
-    with two DDP processes on the same split; GRPO and SAMI alone equal the one-process run (test above)."""
+    with two DDP processes on the same split. OT solves in float32: its rounding bounds the agreement (1e-5)."""
     full = ["loss=full", "step.num_generations=4", "data.batch_size=8"]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     a = _train(ddp, *full, "trainer=ddp_cpu")
     b = _train(fsdp, *full, "trainer=fsdp_cpu")
-    _same_rows(a, b, keys=(*KEYS, "train/sami/loss", "train/ot/divergence"))
-    assert float(a[0]["train/ot/divergence"]) != 0.0
+    _same_rows(a, b, keys=(*KEYS, "train/sami/loss", "train/ot/divergence"), rel=1e-5)
+    assert float(a[1]["train/ot/divergence"]) != 0.0 and float(a[0]["train/sami/loss"]) != 0.0  # step 0: policy = ref
     wa, wb = _weights(ddp / "policy"), _weights(fsdp / "policy")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-8
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
