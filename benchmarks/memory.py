@@ -92,7 +92,7 @@ def print_plan(shape_name: str, prompt_tokens: int, prompts: int = 4, budget: fl
                     return plan(shape, p, g, t, prompt_tokens, gpus, micro, ckpt)["peak"]
 
                 cells = [peak(prompts, None), peak(prompts, 1), peak(prompts, 1, True)]
-                most = [max((p for p in range(1, 257) if peak(p, 1, c) <= budget), default=0) for c in (False, True)]
+                most = [max((p for p in range(1, 1025) if peak(p, 1, c) <= budget), default=0) for c in (False, True)]
                 marks = [f"{x:.1f}{'*' if x > budget else ' '}" for x in cells]
                 print(f"{g:>3} {t:>6} {label:>12} {marks[0]:>11} {marks[1]:>8} {marks[2]:>10}  {most[0]} / {most[1]}")
     print("(mb=G: step.micro_batch_size=G, one prompt's rows per forward/backward; ckpt: "

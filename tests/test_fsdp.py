@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from helpers import run_cli
-
 from test_distributed import OPTIM, SIGNAL
 
 COMMON = ["experiment=smoke", "trainer.max_steps=2", "rollout.seed_per_prompt=true", "grpo.loss_type=dapo",
@@ -113,3 +112,37 @@ def test_fsdp_full_loss_equals_ddp(tmp_path):
     assert float(a[1]["train/ot/divergence"]) != 0.0 and float(a[0]["train/sami/loss"]) != 0.0  # step 0: policy = ref
     wa, wb = _weights(ddp / "policy"), _weights(fsdp / "policy")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+
+def test_shard_takes_the_blocks_from_no_split_modules_and_reshards_the_frozen_root(tiny_dir, tmp_path):
+    """In one process (a one-rank gloo group): every block the model names in ``_no_split_modules`` and the root
+    become FSDP units; after a forward without gradient the frozen reference holds only its shards again, while a
+    policy's root keeps its gathered weights until its backward (why the reference's root reshards after forward)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from enigma_lightning.step.sharding import block_classes, is_fully_sharded, shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        ref, policy = (AutoModelForCausalLM.from_pretrained(tiny_dir) for _ in range(2))
+        ref.requires_grad_(False).eval()
+        assert {c.__name__ for c in block_classes(ref)} == set(ref._no_split_modules)
+        shard(ref, mesh, frozen=True)
+        shard(policy, mesh)
+        assert is_fully_sharded(ref) and all(isinstance(p, DTensor) for p in ref.parameters())
+        assert sum(isinstance(m, FSDPModule) for m in ref.modules()) == ref.config.num_hidden_layers + 1
+        ids = torch.tensor([[5, 6, 7, 8]])
+        with torch.no_grad():
+            out = ref(input_ids=ids).logits
+            policy(input_ids=ids)
+        assert all(isinstance(p, DTensor) for p in ref.parameters())
+        assert not all(isinstance(p, DTensor) for p in policy.parameters())
+        plain = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        assert torch.allclose(out, plain(input_ids=ids).logits.detach())
+    finally:
+        dist.destroy_process_group()
