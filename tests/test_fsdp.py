@@ -12,8 +12,8 @@ from helpers import run_cli
 from test_distributed import OPTIM, SIGNAL
 
 COMMON = ["experiment=smoke", "trainer.max_steps=2", "rollout.seed_per_prompt=true", "grpo.loss_type=dapo",
-          "trainer.limit_val_batches=0", "model.dtype=float64", "callbacks.checkpoint.every_n_train_steps=1",
-          "callbacks.checkpoint.save_top_k=-1", *OPTIM, *SIGNAL]
+          "trainer.limit_val_batches=1", "trainer.val_check_interval=2", "model.dtype=float64",
+          "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=-1", *OPTIM, *SIGNAL]
 KEYS = ("train/loss", "train/grad_norm", "train/grpo/loss", "train/reward/mean", "train/completions/mean_length")
 
 
@@ -57,6 +57,8 @@ def test_fsdp_two_processes_equal_one_process_export_and_resume(tmp_path, tiny_d
     # rank 0 keeps its first completions, which are the one-process run's first ones (whole prompts per rank)
     sa, sb = _samples(one), _samples(two)
     assert sb and all(s in sa for s in sb) and len({s[2] for s in sb}) > 1
+    with open(two / "metrics.csv") as f:  # greedy validation ran under FSDP too (generation kept in step)
+        assert any(r.get("val/accuracy") for r in csv.DictReader(f))
     # policy/: gathered from the shards, loadable, equal to the unsharded run's (SGD: float64 rounding only)
     wa, wb = _weights(one / "policy"), _weights(two / "policy")
     assert sorted(wa) == sorted(wb)
