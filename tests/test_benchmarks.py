@@ -285,3 +285,44 @@ def test_generation_benchmark_names_the_attention_kernel_and_restricts_it(tmp_pa
     assert chosen == {f"flash:{layers}"}, chosen
     for name in ("hf.txt", "ours.txt", "hf.math.txt", "ours.math.txt"):
         assert "by self host time" in (tmp_path / name).read_text()
+
+
+def test_memory_benchmark_on_the_tiny_model(tmp_path):
+    """Peak memory and step time per (loss, micro-batch size), each in its own process, then the 80 GB plan."""
+    import json
+
+    script = SCRIPT.parent / "memory.py"
+    r = subprocess.run([sys.executable, str(script), "--model", "tiny:llama", "--configs", "grpo,full", "--G", "2",
+                        "--prompts", "2", "--max-new-tokens", "8", "--steps", "1", "--micro-batch-sizes", "0,2",
+                        "--json", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "load only (no step): " in r.stdout and "peak memory = peak RSS" in r.stdout
+    for line in ("loss=grpo  whole step", "loss=grpo  micro_batch_size=2", "loss=full  whole step",
+                 "loss=full  micro_batch_size=2"):
+        assert line in r.stdout, line
+    results = json.loads((tmp_path / "m.json").read_text())["results"]
+    assert len(results) == 4 and all(x["peak_gib"] > 0 and x["step_s"] > 0 for x in results)
+    assert "plan (ESTIMATES, not measured): llama3.2-1b, 1.24B parameters" in r.stdout
+    assert r.stdout.count("FSDP 8 GPUs") == 4 and r.stdout.count("1 GPU") >= 4
+
+
+def test_memory_plan_arithmetic():
+    """The plan's terms: 16 bytes of weights, grads and Adam per parameter, divided by the GPUs under FSDP; logits
+    10 V bytes per completion token; micro-batches of whole prompts bound activations and logits, not the rest."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import memory
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    shape = memory.step_time.SHAPES["llama3.2-1b"]
+    n, block, embed = memory._param_count(shape)
+    assert 1.23e9 < n < 1.24e9 and embed == 128256 * 2048  # Llama-3.2-1B: 1.236B, tied embeddings
+    one = memory.plan(shape, 4, 8, 512, 256, 1, None)
+    fsdp = memory.plan(shape, 4, 8, 512, 256, 8, None)
+    assert one["weights+grads+adam"] == pytest.approx(16 * n / 2**30)
+    assert fsdp["weights+grads+adam"] == pytest.approx(one["weights+grads+adam"] / 8)
+    assert one["logits"] == pytest.approx(32 * 512 * 10 * 128256 / 2**30)
+    micro = memory.plan(shape, 4, 8, 512, 256, 1, 1)
+    assert micro["logits"] == pytest.approx(one["logits"] / 4) and micro["activations"] == pytest.approx(
+        one["activations"] / 4)
+    assert micro["weights+grads+adam"] == one["weights+grads+adam"] and micro["peak"] < one["peak"]

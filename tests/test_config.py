@@ -44,11 +44,16 @@ def test_cpu_trainers_instantiate(make_cfg, preset):
     assert trainer.max_steps > 0
 
 
-def test_fsdp_strategy_builds(make_cfg):
-    strategy = instantiate(make_cfg("trainer=fsdp").trainer.strategy)
-    from lightning.pytorch.strategies import FSDPStrategy
+@pytest.mark.parametrize("preset", ["fsdp", "fsdp_cpu"])
+def test_fsdp_strategy_builds(make_cfg, preset):
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    assert isinstance(strategy, FSDPStrategy)
+    cfg = make_cfg(f"trainer={preset}")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, ModelParallelStrategy) and strategy._tensor_parallel_size == 1
+    assert "wrap_classes" not in cfg.trainer.strategy  # blocks come from the model's _no_split_modules
+    with pytest.raises(Exception, match="trainer.strategy.data_parallel_size is set from trainer.devices"):
+        instantiate(cfg.trainer.strategy, data_parallel_size=2)
 
 
 def test_default_config_is_valid(make_cfg):

@@ -87,7 +87,7 @@ def test_report_cli_errors(tmp_path):
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "submitit_slurm", "slurm"])
-@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "fsdp"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "fsdp", "fsdp_cpu"])
 def test_launcher_and_trainer_presets_compose(launcher, trainer):
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"hydra/launcher={launcher}", f"trainer={trainer}", "trainer.devices=2"],
@@ -95,7 +95,7 @@ def test_launcher_and_trainer_presets_compose(launcher, trainer):
     launcher_cfg = cfg.hydra.launcher
     assert launcher_cfg._target_
     if launcher == "slurm":
-        assert launcher_cfg.gpus_per_node == (2 if trainer != "cpu" and trainer != "ddp_cpu" else 0)
+        assert launcher_cfg.gpus_per_node == (0 if trainer in ("cpu", "ddp_cpu", "fsdp_cpu") else 2)
         assert launcher_cfg.tasks_per_node == 2
 
 

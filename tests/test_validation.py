@@ -67,7 +67,13 @@ def test_targets_outside_the_allow_list_are_refused_unless_allowed(make_cfg):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
 def test_fsdp_on_a_cpu_machine_names_the_preset_and_the_fix(make_cfg):
     (p,) = config_problems(make_cfg("trainer=fsdp"))
-    assert p.startswith("trainer=fsdp (FSDP1 on CUDA GPUs) needs a CUDA GPU") and "trainer=cpu" in p
+    assert p.startswith("trainer=fsdp (FSDP2 on CUDA GPUs) needs a CUDA GPU") and "Use trainer=fsdp_cpu" in p
+    assert config_problems(make_cfg("trainer=fsdp_cpu")) == []
+
+
+def test_fsdp_precision_it_cannot_run_names_the_fix(make_cfg):
+    (p,) = config_problems(make_cfg("trainer=fsdp_cpu", "trainer.precision=64-true"))
+    assert p.startswith("trainer.precision=64-true is not supported under FSDP") and "model.dtype=float64" in p
 
 
 def test_offline_hub_id_names_the_key_and_both_fixes(make_cfg, monkeypatch):

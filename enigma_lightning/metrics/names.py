@@ -14,6 +14,7 @@ from pathlib import Path
 
 TABLE: list[tuple[str, str]] = [
     ("train/loss", "the objective: sum over selected terms of `weight * loss`"),
+    ("train/grad_norm", "global L2 norm of the trainable parameters' gradient, before clipping (`step.max_grad_norm`)"),
     ("train/<term>/loss", "each selected term's loss (`grpo`, `sami`, `ot`, your own)"),
     ("train/grpo/kl", "mean k3 KL(policy ‖ reference) over completion tokens (times the importance weight when "
      "`grpo.kl_bias_correction`); only when `grpo.beta != 0`"),

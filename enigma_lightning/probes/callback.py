@@ -25,11 +25,10 @@ class ProbeCallback(L.Callback):
         self._texts: dict[str, list[str]] | None = None  # the probe set, rendered once
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
         from ..errors import EnigmaError
+        from ..step.distributed import is_sharded_strategy
 
-        if isinstance(trainer.strategy, FSDPStrategy):  # probes run on rank 0 alone; sharded forwards are collective
+        if is_sharded_strategy(trainer.strategy):  # probes run on rank 0 alone; sharded forwards are collective
             raise EnigmaError("callbacks=probes does not run under trainer=fsdp (its forwards would wait on the other "
                               "ranks). Use trainer=ddp or one device, or probe checkpoints with "
                               "python -m enigma_lightning.probe ckpt_path=...")

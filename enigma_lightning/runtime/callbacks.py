@@ -140,15 +140,29 @@ class ExportPolicy(L.Callback):
         self.dirname = dirname
 
     def on_train_end(self, trainer, pl_module) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         state_dict = None
         if isinstance(trainer.strategy, FSDPStrategy):  # gather the shards (a collective: every rank calls it)
             full = trainer.strategy.lightning_module_state_dict()
             state_dict = {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
+        elif isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2: gathered to rank 0 (every rank calls it)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(pl_module.policy, options=StateDictOptions(full_state_dict=True,
+                                                                                          cpu_offload=True))
+            # gathered separately, tied weights (lm_head = embeddings) are no longer one tensor: keep the first name,
+            # as save_pretrained of the unsharded model does
+            seen: set[int] = set()
+            for name, p in pl_module.policy.named_parameters(remove_duplicate=False):
+                if id(p) in seen:
+                    state_dict.pop(name, None)
+                seen.add(id(p))
         if trainer.is_global_zero:
             out = _outdir(trainer) / self.dirname
-            pl_module.policy.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
+            # a copy: save_pretrained empties the dict it is given. Under PEFT it keeps the adapter's entries only
+            pl_module.policy.save_pretrained(out, **({"state_dict": dict(state_dict)} if state_dict is not None
+                                                     else {}))
             pl_module.tokenizer.save_pretrained(out)
 
 

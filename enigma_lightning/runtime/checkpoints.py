@@ -30,7 +30,7 @@ RUN_KEYS = ("model", "peft", "prompt", "principles")
 def run_config(ckpt_path: str) -> DictConfig | None:
     """The ``config.yaml`` of the run a checkpoint or policy folder belongs to, or None."""
     p = Path(ckpt_path).expanduser()
-    for folder in (p.parent, p.parent.parent) if p.is_file() else (p, p.parent):
+    for folder in (p.parent, p.parent.parent) if p.is_file() or is_sharded_checkpoint(p) else (p, p.parent):
         if (folder / "config.yaml").is_file():
             return OmegaConf.load(folder / "config.yaml")
     return None
@@ -86,7 +86,7 @@ def load_policy_from(cfg: DictConfig, key: str = "ckpt_path") -> tuple[torch.nn.
     spec = instantiate(cfg.model)
     ckpt = cfg.get(key)
     p = Path(str(ckpt)).expanduser() if ckpt else None
-    if p is not None and p.is_dir():  # an exported policy folder
+    if p is not None and p.is_dir() and not is_sharded_checkpoint(p):  # an exported policy folder
         if (p / "adapter_config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
@@ -116,9 +116,24 @@ def load_policy_from(cfg: DictConfig, key: str = "ckpt_path") -> tuple[torch.nn.
     return model.eval(), tok
 
 
+def is_sharded_checkpoint(p: Path) -> bool:
+    """A sharded (DCP) checkpoint folder, as ``trainer=fsdp``/``fsdp_cpu`` write (``<name>.ckpt/.metadata``)."""
+    return p.is_dir() and (p / ".metadata").is_file()
+
+
 def load_checkpoint(p: Path, key: str = "ckpt_path") -> dict:
-    """A Lightning checkpoint's contents, read with ``weights_only=True``: tensors and plain values, never code."""
+    """A Lightning checkpoint's contents, read with ``weights_only=True``: tensors and plain values, never code. A
+    sharded (DCP) folder is first gathered into one file (``dcp_to_torch_save``) in a temporary folder."""
     import pickle
+
+    if is_sharded_checkpoint(p):
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(p), f"{tmp}/full.ckpt")
+            return load_checkpoint(Path(tmp) / "full.ckpt", key)
 
     try:
         return torch.load(p, map_location="cpu", weights_only=True)

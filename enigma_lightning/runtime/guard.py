@@ -24,11 +24,27 @@ def _trainable(pl_module) -> list[torch.nn.Parameter]:
     return [p for p in pl_module.parameters() if p.requires_grad]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) tensor; the tensor itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is finite; for sharded (DTensor) tensors over every rank's shard (a collective then)."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return True
-    return bool(torch.isfinite(torch.stack([t.detach().float().norm() for t in tensors])).all())
+    from torch.distributed.tensor import DTensor
+
+    local = [_local(t).detach() for t in tensors]
+    ok = torch.isfinite(torch.stack([t.float().norm() for t in local])).all()
+    if any(isinstance(t, DTensor) for t in tensors) and torch.distributed.is_initialized():
+        flag = ok.to(torch.float32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)  # every rank decides the same
+        ok = flag[0] > 0
+    return bool(ok)
 
 
 class NonFiniteGuard(L.Callback):
@@ -62,7 +78,7 @@ class NonFiniteGuard(L.Callback):
         params = _trainable(pl_module)
         grads = [p.grad for p in params if p.grad is not None]
         if not all_finite(grads):
-            n = sum(not bool(torch.isfinite(g).all()) for g in grads)
+            n = sum(not bool(torch.isfinite(_local(g)).all()) for g in grads)  # on this rank's shards
             self.bad.append(f"the gradients of {n} of {len(grads)} parameter tensors are not finite")
         if not self.bad:
             return

@@ -182,18 +182,34 @@ def hub_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")  # what ModelParallelStrategy accepts
+
+
+def _is_fsdp(strategy) -> bool:
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    return "fsdp" in target.lower() or "fullysharded" in target.lower()
+
+
 def device_problems(cfg: DictConfig) -> list[str]:
-    """Trainer presets that need a GPU, on a machine without one."""
+    """Trainer presets that need a GPU, on a machine without one; precisions FSDP does not take."""
     import torch
 
-    if _get(cfg, "trainer.accelerator") not in ("gpu", "cuda") or torch.cuda.is_available():
-        return []
     strategy = _get(cfg, "trainer.strategy")
-    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
-    preset = "trainer=fsdp (FSDP1 on CUDA GPUs)" if "fsdp" in target.lower() else \
-        f"trainer.accelerator={_get(cfg, 'trainer.accelerator')} ({'trainer=ddp' if strategy else 'trainer=gpu'})"
-    return [f"{preset} needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False). "
-            "Use trainer=cpu (one process) or trainer=ddp_cpu (two CPU processes)"]
+    p = []
+    precision = str(_get(cfg, "trainer.precision", "32-true"))
+    if _is_fsdp(strategy) and precision not in FSDP_PRECISIONS:
+        p.append(f"trainer.precision={precision} is not supported under FSDP (Lightning's ModelParallelStrategy takes "
+                 f"{', '.join(x for x in FSDP_PRECISIONS if x != '32')}). Set trainer.precision=bf16-mixed on GPU, or 32-true with "
+                 "model.dtype=float64 for a float64 run")
+    if _get(cfg, "trainer.accelerator") not in ("gpu", "cuda") or torch.cuda.is_available():
+        return p
+    if _is_fsdp(strategy):
+        return p + ["trainer=fsdp (FSDP2 on CUDA GPUs) needs a CUDA GPU, and this machine has none "
+                    "(torch.cuda.is_available() is False). Use trainer=fsdp_cpu (FSDP2 on two CPU processes), "
+                    "trainer=cpu (one process) or trainer=ddp_cpu (two CPU processes)"]
+    preset = f"trainer.accelerator={_get(cfg, 'trainer.accelerator')} ({'trainer=ddp' if strategy else 'trainer=gpu'})"
+    return p + [f"{preset} needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is False). "
+                "Use trainer=cpu (one process) or trainer=ddp_cpu (two CPU processes)"]
 
 
 def validate(cfg: DictConfig) -> None:

@@ -23,9 +23,10 @@ def strip_frozen(checkpoint: dict[str, Any]) -> None:
 
 def restore_frozen(checkpoint: dict[str, Any], current: dict[str, torch.Tensor]) -> None:
     """Put the frozen modules' current weights (``current``: the module's state dict) back into the checkpoint's state
-    dict before Lightning loads it, and restore the RNG state."""
-    sd = checkpoint["state_dict"]
-    for k, v in current.items():
+    dict before Lightning loads it, and restore the RNG state. A sharded (FSDP2) checkpoint's weights are loaded by the
+    strategy before this hook, and it passes no ``state_dict``: the frozen modules are not in it (:mod:`.sharding`)."""
+    sd = checkpoint.get("state_dict")
+    for k, v in current.items() if sd is not None else ():
         if k.startswith(FROZEN_PREFIXES):
             sd[k] = v
     rng = checkpoint.get("rng")

@@ -15,17 +15,28 @@ def is_distributed(trainer) -> bool:
     return trainer is not None and trainer.world_size > 1
 
 
+def uses_fsdp2(trainer) -> bool:
+    """``trainer=fsdp`` / ``fsdp_cpu``: the module shards itself in ``configure_model`` (:mod:`.sharding`)."""
+    if trainer is None:
+        return False
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def is_sharded_strategy(strategy) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
+
+
 def is_sharded(trainer) -> bool:
     """FSDP: every forward is collective, so generation must keep ranks in step."""
-    if not is_distributed(trainer):
-        return False
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(trainer.strategy, FSDPStrategy)
+    return is_distributed(trainer) and is_sharded_strategy(trainer.strategy)
 
 
 def tokens_per_rank(trainer, mask: torch.Tensor) -> torch.Tensor:
-    """The global batch's completion tokens divided by the world size: DDP averages gradients over ranks, so a term
-    that divides by it normalises by the global count, as TRL's dapo does."""
+    """The global batch's completion tokens divided by the world size: DDP and FSDP average gradients over ranks, so
+    a term that divides by it normalises by the global count, as TRL's dapo does."""
     total = trainer.strategy.reduce(mask.sum().float(), reduce_op="sum")
     return total / trainer.world_size

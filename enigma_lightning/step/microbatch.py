@@ -17,7 +17,7 @@ arXiv 2101.06983): every term sees the whole step, so nothing about a term has t
    one-batch step's (up to float rounding; dropout must be off, as in the models we load).
 
 The cost is one extra forward without gradient over the step (the first phase), about a third of a forward and
-backward; ``benchmarks/memory_plan.py`` prints it.
+backward; ``benchmarks/memory.py`` prints it.
 """
 
 from __future__ import annotations

@@ -35,10 +35,11 @@ from ..rewards import RewardModel
 from ..rollout.hf import generate
 from ..rollout.sampling import SamplingConfig, row_seeds
 from .checkpoint import FROZEN_PREFIXES, restore_frozen, strip_frozen
-from .distributed import is_distributed, is_sharded, tokens_per_rank
+from .distributed import is_distributed, is_sharded, tokens_per_rank, uses_fsdp2
 from .forwards import StepForwards, objective
 from .group import GroupConfig
 from .microbatch import cached_forwards, replay
+from .sharding import grad_norm, is_fully_sharded, shard, shard_trainable, unregister
 from .validation import GreedyValidation
 
 
@@ -158,6 +159,22 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
     def _sharded(self) -> bool:
         return is_sharded(self._trainer)
 
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp``/``fsdp_cpu`` (FSDP2, :mod:`.sharding`): shard the policy and the frozen reference
+        over the data-parallel mesh, and keep the frozen modules out of checkpoints. Lightning calls this on every
+        fit and validate; the models are sharded once. Other strategies: nothing to do."""
+        if not uses_fsdp2(self._trainer) or is_fully_sharded(self.policy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for name in ("reference", "encoder"):
+            unregister(self, name)
+        shard(self.policy, mesh)
+        if self.reference is not None:
+            shard(self.reference, mesh, frozen=True)
+        if self.encoder is not None:  # frozen, small, used whole on every rank: a full copy on each device
+            self.encoder.to(self.trainer.strategy.root_device)
+        shard_trainable(self.terms, mesh)
+
     def _tokens_per_rank(self, mask: torch.Tensor) -> torch.Tensor | None:
         """dapo's global token count per rank, when a term asks for it; None on one process (the local count)."""
         return tokens_per_rank(self.trainer, mask) if self._distributed and self.needs.global_token_count else None
@@ -176,6 +193,9 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         loss = self.forward_backward(batch)
+        # before clipping; global over ranks (DDP's gradients are all-reduced, FSDP's norm is reduced over shards)
+        self.log("train/grad_norm", grad_norm(self.trainable_parameters()).detach(), on_step=True, on_epoch=False,
+                 batch_size=1)
         if self.group.max_grad_norm:
             self.clip_gradients(opt, gradient_clip_val=self.group.max_grad_norm, gradient_clip_algorithm="norm")
         opt.step()
