@@ -206,3 +206,28 @@ def test_training_run_logs_and_resumes(make_cfg, tmp_path):
     last_full, last_resumed = _metrics(full)[-1], _metrics(resumed)[-1]
     assert last_full["train/completions/mean_length"] == last_resumed["train/completions/mean_length"]
     assert float(last_full["train/loss"]) == pytest.approx(float(last_resumed["train/loss"]), abs=1e-6)
+
+
+def _bench(script, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    r = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    return r.stdout
+
+
+def test_benchmarks_compare_the_engines():
+    """The benchmark scripts run with the engine (they print figures; nothing here checks a speed)."""
+    out = _bench("generation.py", "--variants", "ours,vllm", "--prompts", "2", "--G", "2", "--short", "2", "--long",
+                 "6", "--repeats", "1", "--prompt-sets", "1")
+    row = next(line for line in out.splitlines() if line.startswith("vllm "))
+    assert float(row.split()[1]) > 0 and "(the engine's own)" in row
+    assert "vllm: loading the policy's weights into the engine" in out
+    out = _bench("step_time.py", "--engines", "hf,vllm", "--steps", "1", "--warmup", "1", "--max-new-tokens", "6",
+                 "--prompts", "2", "--G", "2")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("hf ", "vllm "))}
+    assert set(rows) == {"hf", "vllm"}
+    assert float(rows["hf"][6]) == 0.0 and float(rows["vllm"][6]) > 0  # weight sync: vllm only

@@ -78,6 +78,7 @@ class VLLMEngine:
         self.last_sync_seconds = 0.0
         self.start_seconds = 0.0
         self.exact_logps = False  # the engine's dtype is float32 or wider: its log-probs are the policy's
+        self._asleep: set[str] = set()  # enable_sleep_mode: what vLLM has released ("weights", "kv_cache")
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def start(self, model: nn.Module, tokenizer, sampling: SamplingConfig) -> None:
@@ -135,13 +136,18 @@ class VLLMEngine:
         self.version = None
         log.info("vLLM engine started in %.1f s (%s, max_model_len=%d)", self.start_seconds, dtype, max_len)
 
+    def _wake(self, *tags: str) -> None:
+        if wake := [t for t in tags if t in self._asleep]:
+            self.llm.wake_up(tags=wake)
+            self._asleep -= set(wake)
+
     def close(self) -> None:
         if self.llm is not None:
             try:
                 self.llm.llm_engine.engine_core.shutdown()
             except Exception:  # best effort: the process is ending or the engine is already down
                 pass
-            self.llm = None
+            self.llm, self._asleep = None, set()
 
     # ---- weights ---------------------------------------------------------------------------------------------------
     def sync(self, model: nn.Module, tokenizer, sampling: SamplingConfig, version: int) -> float:
@@ -152,8 +158,7 @@ class VLLMEngine:
         if self.version == version:
             return 0.0
         t0 = time.perf_counter()
-        if self.enable_sleep_mode:
-            self.llm.wake_up(tags=["weights"])
+        self._wake("weights")
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_weights(model),
                                                               "is_checkpoint_format": True})
@@ -172,8 +177,7 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         self.sync(model, tokenizer, sampling, version)
-        if self.enable_sleep_mode:
-            self.llm.wake_up(tags=["kv_cache"])
+        self._wake("weights", "kv_cache")
         g = 1 if greedy else num_generations
         enc = encode_prompts(tokenizer, prompts, sampling)
         ids, am = enc["input_ids"], enc["attention_mask"]
@@ -199,7 +203,10 @@ class VLLMEngine:
         finally:
             torch.set_rng_state(rng)
             if self.enable_sleep_mode:
+                # level 1 keeps the weights in host memory: a rollout at the same weights (validation then training
+                # at one step) needs them back without a reload
                 self.llm.sleep(level=1)
+                self._asleep = {"weights", "kv_cache"}
         completions = [c for req in outputs for c in sorted(req.outputs, key=lambda c: c.index)]
         width = max(1, max(len(c.token_ids) for c in completions))
         pad = tokenizer.pad_token_id
