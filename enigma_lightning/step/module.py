@@ -142,8 +142,8 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         advantages, std_zero = self.group.advantages(total.to(self.device))
         buf = dict(ro=ro, mask=self.group.loss_mask(ro.completion_mask, ro.truncated), advantages=advantages,
                    rewards=total, reward_list=total.tolist(), per_func=per_func, std_zero=std_zero,
-                   gen_time=gen_time, sync_time=sync_time, reward_time=reward_time, columns=columns, prompts=rep_prompts, old_logps=None,
-                   ref_logps=None, ref_hidden={}, ref_time=0.0,
+                   gen_time=gen_time, sync_time=sync_time, reward_time=reward_time, columns=columns,
+                   prompts=rep_prompts, old_logps=None, ref_logps=None, ref_hidden={}, ref_time=0.0,
                    layout=Layout(len(batch["source"]), self.num_variants, g))
         with torch.no_grad():
             if self.group.num_iterations > 1:
