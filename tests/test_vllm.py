@@ -231,3 +231,19 @@ def test_benchmarks_compare_the_engines():
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("hf ", "vllm "))}
     assert set(rows) == {"hf", "vllm"}
     assert float(rows["hf"][6]) == 0.0 and float(rows["vllm"][6]) > 0  # weight sync: vllm only
+
+
+def test_ddp_each_rank_runs_its_own_engine(tmp_path):
+    """trainer=ddp_cpu: two processes, each with its engine (vLLM's external launcher mode), train and log."""
+    from helpers import run_cli
+
+    out = tmp_path / "ddp"
+    r = run_cli("enigma_lightning.train", "experiment=smoke", *HEAD_64, "trainer=ddp_cpu", "rollout.engine=vllm",
+                "rollout.engine.kv_cache_gib=0.25", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+                f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["status"] == "finished"
+    rows = _metrics(out)
+    assert [int(x["step"]) for x in rows] == [0, 1]
+    assert all(float(x["train/rollout/logprob_gap/max"]) < 1e-3 and float(x["perf/weight_sync_time"]) > 0
+               for x in rows)

@@ -114,6 +114,10 @@ class VLLMEngine:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per rank (TRL's colocate mode)
+            # vLLM reads the launcher's variables, which Lightning's own launcher does not all set
+            os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+            os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
+            os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank() % max(1, torch.cuda.device_count())))
         kwargs.update(self.engine_kwargs)
 
         folder = tempfile.mkdtemp(prefix="enigma-vllm-")
