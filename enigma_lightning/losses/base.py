@@ -118,6 +118,9 @@ class StepBatch:
     num_items_in_batch: Tensor | None = None  # completion tokens in the global batch (dapo normaliser)
     max_completion_length: int | None = None  # the rollout's max_new_tokens (dr_grpo normaliser)
     step: int = 0  # the optimiser step (seeds subsampling)
+    sampling_logps: Tensor | None = None  # [B, T] the rollout engine's log-probs of its samples (None: the policy's
+    #                                       own generate sampled; rollout/engine=vllm sets them)
+    sampling_exact: bool = True  # the engine computes in the policy's precision (its log-probs are the policy's)
 
     def replace(self, **changes) -> StepBatch:
         return replace(self, **changes)

@@ -9,6 +9,13 @@ TRL 1.x ``GRPOTrainer._compute_loss`` and its advantage computation (``multi_obj
 zero advantage for unscorable completions, asymmetric clipping (``epsilon``, ``epsilon_high``), the k3 KL to the
 frozen reference weighted by ``beta`` (times the importance weight when ``kl_bias_correction``, TRL's default),
 and the loss aggregations ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo``. Tests compare against TRL's own code.
+
+Rollout correction (``rollout_correction``): when another engine sampled (``rollout/engine=vllm``), its token
+probabilities differ from the policy's wherever the two compute differently (bf16 kernels, another attention), so the
+"on-policy" samples are slightly off-policy. Truncated importance sampling (TIS; F. Yao, L. Liu et al., "Your
+Efficient RL Framework Secretly Brings You Off-Policy RL Training", 2025; TRL's
+``vllm_importance_sampling_correction``, verl's ``tis_imp_ratio_cap``) weights each token's surrogate by
+``min(exp(old_logp - engine_logp), cap)``, detached, before the KL is added, as TRL does.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import Tensor
 from .base import LossTerm, Needs, StepBatch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+CORRECTIONS = ("auto", "tis", "none")
 IS_LEVELS = ("token", "sequence")
 
 
@@ -37,11 +45,15 @@ def grpo_loss(
     kl_bias_correction: bool = True,
     max_completion_length: int | None = None,
     num_items_in_batch: Tensor | float | None = None,
+    sampling_logps: Tensor | None = None,
+    rollout_is_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped GRPO surrogate (+ beta * k3 KL). Shapes: logps/old_logps/ref_logps/mask [B, T], advantages [B].
 
     Returns ``(loss, metrics)`` with ``kl``, ``clip_ratio`` (region), ``clip_ratio_low``, ``clip_ratio_high`` as
     detached tensors (means over completion tokens, or over completions at sequence level, as TRL logs them).
+    ``sampling_logps`` and ``rollout_is_cap``: truncated importance sampling of the engine that sampled (module
+    docstring), with ``rollout_is_weight`` and ``rollout_is_clipped`` in the metrics.
     """
     mask = mask.to(logps.dtype)
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
@@ -59,6 +71,12 @@ def grpo_loss(
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)  # [B, T] or [B, 1]
 
     metrics: dict[str, Tensor] = {}
+    if rollout_is_cap is not None and sampling_logps is not None:
+        raw = torch.exp(old_logps.detach() - sampling_logps.to(old_logps.dtype))
+        is_weight = raw.clamp(max=rollout_is_cap)
+        per_token_loss = per_token_loss * is_weight  # [B, T]
+        metrics["rollout_is_weight"] = (is_weight * mask).sum() / mask.sum().clamp(min=1.0)
+        metrics["rollout_is_clipped"] = ((raw > rollout_is_cap).to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1.0)
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError("grpo.beta != 0 needs reference log-probs")
@@ -103,8 +121,12 @@ class GRPOLoss(LossTerm):
     name = "grpo"
 
     def __init__(self, *, weight: float, loss_type: str, importance_sampling_level: str, epsilon: float,
-                 epsilon_high: float | None, beta: float, kl_bias_correction: bool):
+                 epsilon_high: float | None, beta: float, kl_bias_correction: bool, rollout_correction: str,
+                 rollout_correction_cap: float):
         super().__init__(weight=weight)
+        if rollout_correction not in CORRECTIONS:
+            raise ValueError(f"grpo.rollout_correction must be one of {CORRECTIONS}; got {rollout_correction!r}")
+        self.rollout_correction, self.rollout_correction_cap = rollout_correction, rollout_correction_cap
         self.loss_type, self.importance_sampling_level = loss_type, importance_sampling_level
         self.epsilon, self.epsilon_high, self.beta, self.kl_bias_correction = epsilon, epsilon_high, beta, kl_bias_correction
 
@@ -126,4 +148,13 @@ class GRPOLoss(LossTerm):
             kl_bias_correction=self.kl_bias_correction,
             max_completion_length=batch.max_completion_length,
             num_items_in_batch=batch.num_items_in_batch,
+            sampling_logps=batch.sampling_logps,
+            rollout_is_cap=self.rollout_correction_cap if self.corrects(batch) else None,
         )
+
+    def corrects(self, batch: StepBatch) -> bool:
+        """Whether TIS applies this step: an engine's log-probs are there and ``tis``, or ``auto`` and the engine
+        computes in a lower precision than the policy's float32."""
+        if batch.sampling_logps is None or self.rollout_correction == "none":
+            return False
+        return self.rollout_correction == "tis" or not batch.sampling_exact

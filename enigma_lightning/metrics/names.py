@@ -45,10 +45,18 @@ TABLE: list[tuple[str, str]] = [
     ("train/completions/mean_length", "completion tokens up to and including EOS, mean over the step"),
     ("train/completions/max_length", "the same, maximum"),
     ("train/completions/clipped_ratio", "fraction of completions that hit `rollout.max_new_tokens` without EOS"),
+    ("train/rollout/logprob_gap/mean", "`rollout/engine=vllm`: mean over completion tokens of |policy log-prob - "
+     "engine log-prob| of the sampled token (the engine that sampled against the policy that trains; ~0 in float32 "
+     "with `rollout.top_p=1`, `rollout.top_k=0`)"),
+    ("train/rollout/logprob_gap/max", "the same, maximum over the step's tokens"),
+    ("train/grpo/rollout_is_weight", "with `grpo.rollout_correction` on: mean truncated importance weight "
+     "min(exp(policy - engine log-prob), `grpo.rollout_correction_cap`) over completion tokens"),
+    ("train/grpo/rollout_is_clipped", "the same: fraction of completion tokens whose weight hit the cap"),
     ("perf/step_time", "seconds per GRPO step: rollout + forwards + backward + optimiser"),
     ("perf/tokens_per_s", "completion tokens of the step / `perf/step_time`"),
     ("perf/<phase>_time", "seconds of each timed phase: `generation`, `reward` (scoring), `reference` (the no-grad "
-     "reference forward), `policy_forward` (the policy forward with grad; with exact SAMI it also scores every "
+     "reference forward), `weight_sync` (`rollout/engine=vllm`: the policy's weights into the engine; the first "
+     "step's includes starting it), `policy_forward` (the policy forward with grad; with exact SAMI it also scores every "
      "completion under every variant, in the same batch), `<term>_prepare` (a term's prepare hook: with "
      "`sami.negatives_grad=false`, the no-grad forward over the mismatched cells), `<term>_scored_rows` (a term's "
      "extra rows when they run in a forward of their own), each term's own computation (`grpo`, `sami`, `ot`: "

@@ -35,3 +35,15 @@ def sample_rows(step: int, prompts: list[str], completions: list[str], rewards: 
     targets = targets if targets is not None else [None] * len(completions)
     return [{"step": step, "prompt": p, "completion": c, "reward": float(r), "target": t}
             for p, c, r, t in zip(prompts, completions, rewards, targets, strict=True)]
+
+
+def logprob_gap(policy_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``|policy log-prob - engine log-prob|`` of each sampled token (completion tokens up to EOS): the mismatch
+    between the engine that sampled and the policy that trains, as a mean and a maximum (~0 when both compute in
+    float32 with top_p = 1 and top_k = 0; top-p/top-k renormalise the engine's values over the tokens they keep)."""
+    m = mask.bool()
+    gap = (policy_logps.detach().float() - engine_logps.float()).abs()[m]
+    if gap.numel() == 0:
+        zero = torch.zeros((), device=gap.device)
+        return {"train/rollout/logprob_gap/mean": zero, "train/rollout/logprob_gap/max": zero}
+    return {"train/rollout/logprob_gap/mean": gap.mean(), "train/rollout/logprob_gap/max": gap.max()}

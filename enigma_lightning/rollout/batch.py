@@ -1,4 +1,4 @@
-"""What every rollout engine returns: :class:`Rollout` (prompt and completion ids, masks, truncation flags, texts),
+"""What every rollout engine (``rollout/engine``: :class:`~.hf.HFEngine`, :class:`~.vllm.VLLMEngine`) returns: :class:`Rollout` (prompt and completion ids, masks, truncation flags, texts),
 whichever engine sampled it, so rewards, losses and metrics never know which one ran."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ class Rollout:
     truncated: Tensor  # [B] bool: no EOS within max_new_tokens
     completions: list[str]  # decoded completions, assistant prefill prepended
     prefixes: PrefixPlan | None = None  # shared openings of the distinct prompts (rows[::G]); host data
+    sampling_logps: Tensor | None = None  # [B, T] the engine's log-probs of its samples (None: the policy sampled)
+    exact_logps: bool = True  # the engine computes in the policy's precision (float32+): its log-probs are the policy's
 
     @property
     def lengths(self) -> Tensor:

@@ -80,6 +80,25 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], num_generations: i
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, truncated, [prefill + t for t in texts], plan)
 
 
+class HFEngine:
+    """``rollout/engine=hf``: :func:`generate` on the policy itself (no weights to sync, no settings)."""
+
+    name = "hf"
+    last_sync_seconds = 0.0
+
+    def sync(self, model: nn.Module, tokenizer, sampling: SamplingConfig, version: int) -> float:
+        return 0.0
+
+    def generate(self, model: nn.Module, tokenizer, prompts: list[str], num_generations: int,
+                 sampling: SamplingConfig, prefill: str = "", greedy: bool = False, seeds: list[int] | None = None,
+                 synced_gpus: bool = False, version: int = 0) -> Rollout:
+        return generate(model, tokenizer, prompts, num_generations, sampling, prefill=prefill, greedy=greedy,
+                        seeds=seeds, synced_gpus=synced_gpus)
+
+    def close(self) -> None:
+        pass
+
+
 def encode_prompts(tokenizer, prompts: list[str], sampling: SamplingConfig):
     """Tokenise prompts (padded). A prompt over ``sampling.max_prompt_length`` tokens is cut from the left
     (``long_prompts=left``: its end, the chat template's assistant header and the prefill, stays) or refused

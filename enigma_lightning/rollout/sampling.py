@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ class SamplingConfig:
     seed_per_prompt: bool  # each completion's randomness from (seed, step, prompt, index): see row_seeds
     reserve_cache: bool  # KV cache written in place while sampling, not grown by torch.cat (see kvcache)
     share_prompts: bool  # prefill each distinct prompt (and shared opening) once, repeat its cache over G
+    engine: Any = None  # the rollout engine (conf/rollout/engine/: hf | vllm); None: hf
 
 
 

@@ -16,10 +16,15 @@ def config_options(group: str) -> set[str]:
 
 def rewrite_model_override(argv: list[str]) -> list[str]:
     """``model=<hub id or local folder>`` becomes ``model=hf model.name_or_path=<...>`` when the value is not one of
-    the presets in ``conf/model/`` (``model=Qwen/Qwen2.5-0.5B-Instruct`` just works)."""
+    the presets in ``conf/model/`` (``model=Qwen/Qwen2.5-0.5B-Instruct`` just works), and ``rollout.engine=<option>``
+    selects the engine as ``rollout/engine=<option>`` does (options: ``conf/rollout/engine/``)."""
     presets = config_options("model")
+    engines = config_options("rollout/engine")
     out = []
     for arg in argv:
+        if arg.startswith("rollout.engine=") and all(v in engines for v in arg.split("=", 1)[1].split(",")):
+            out.append("rollout/engine=" + arg.split("=", 1)[1])
+            continue
         if arg.startswith("model=") and "," not in arg:
             value = arg.split("=", 1)[1]
             if value and value not in presets:

@@ -98,6 +98,8 @@ RULES: list[tuple[str, Allowed, Any, str | None]] = [
     ("grpo.weight", ge(0), 1.0, "grpo"),
     ("grpo.beta", ge(0), 0.0, "grpo"),
     ("grpo.kl_bias_correction", BOOL, "true", "grpo"),
+    ("grpo.rollout_correction", one_of("auto", "tis", "none"), "auto", "grpo"),
+    ("grpo.rollout_correction_cap", Allowed(lo=1), 2.0, "grpo"),
     ("sami.weight", ge(0), 0.1, "sami"),
     ("sami.temperature", gt(0), 0.1, "sami"),
     ("sami.layer", INT, -1, "sami"),
@@ -120,6 +122,16 @@ RULES: list[tuple[str, Allowed, Any, str | None]] = [
     ("rollout.seed_per_prompt", BOOL, "false", None),
     ("rollout.reserve_cache", BOOL, "true", None),
     ("rollout.share_prompts", BOOL, "true", None),
+    # rollout/engine=vllm (absent keys, as with engine=hf, are not checked)
+    ("rollout.engine.dtype", one_of("auto", "float32", "bfloat16", "float16"), "auto", None),
+    ("rollout.engine.max_model_len", ge(1, integer=True, null=True), "null", None),
+    ("rollout.engine.enable_prefix_caching", BOOL, "true", None),
+    ("rollout.engine.gpu_memory_utilization", Allowed(lo=0, hi=1, lo_open=True), 0.3, None),
+    ("rollout.engine.enable_sleep_mode", BOOL, "false", None),
+    ("rollout.engine.tensor_parallel_size", ge(1, integer=True), 1, None),
+    ("rollout.engine.kv_cache_gib", gt(0), 2.0, None),
+    ("rollout.engine.enforce_eager", Allowed(boolean=True, null=True), "null", None),
+    ("rollout.engine.max_num_seqs", ge(1, integer=True, null=True), "null", None),
     # data
     ("data.val_size", ge(0, integer=True), 32, None),
     ("data.val_batch_size", ge(1, integer=True), 16, None),
@@ -211,6 +223,23 @@ def layer_problems(cfg: DictConfig, terms: list[str]) -> list[str]:
     return out
 
 
+def engine_problems(cfg: DictConfig) -> list[str]:
+    """rollout/engine=vllm: vLLM installed, and a max_model_len that holds a prompt and its completion."""
+    target = _value(cfg, "rollout.engine._target_")
+    if not isinstance(target, str) or not target.endswith("VLLMEngine"):
+        return []
+    from ..rollout.vllm import INSTALL, installed
+
+    out = [] if installed() else [f"rollout/engine=vllm: vLLM is not installed; {INSTALL}"]
+    limit, prompt, new = (_value(cfg, k) for k in ("rollout.engine.max_model_len", "rollout.max_prompt_length",
+                                                    "rollout.max_new_tokens"))
+    if isinstance(limit, int) and isinstance(prompt, int) and isinstance(new, int) and limit < prompt + new:
+        out.append(f"rollout.engine.max_model_len={limit} cannot hold a prompt of rollout.max_prompt_length={prompt} "
+                   f"tokens and rollout.max_new_tokens={new}. Set rollout.engine.max_model_len={prompt + new} (or "
+                   "null), or lower the other two")
+    return out
+
+
 def range_problems(cfg: DictConfig, terms: list[str]) -> list[str]:
     """One message per value outside its range (see :data:`RULES`)."""
     out = []
@@ -231,6 +260,7 @@ def range_problems(cfg: DictConfig, terms: list[str]) -> list[str]:
     if isinstance(mnt, int) and isinstance(mn, int) and mn > mnt:
         out.append(f"rollout.min_new_tokens={mn} is more than rollout.max_new_tokens={mnt}. "
                    f"Set rollout.min_new_tokens={mnt} or lower")
+    out += engine_problems(cfg)
     weights = _value(cfg, "reward.weights")
     for name, w in (weights.items() if isinstance(weights, dict) else ()):
         if not _is_number(w) or w < 0:

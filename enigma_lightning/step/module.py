@@ -28,11 +28,11 @@ from torch import nn
 from ..data.principles import PrincipleSet
 from ..data.prompts import PromptTemplate
 from ..losses.base import Layout, LossTerm, Needs, StepBatch
-from ..metrics.rollout import rollout_metrics, sample_rows
+from ..metrics.rollout import logprob_gap, rollout_metrics, sample_rows
 from ..models.encoder import PrincipleEncoder
 from ..models.loading import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokenizer
 from ..rewards import RewardModel
-from ..rollout.hf import generate
+from ..rollout.hf import HFEngine
 from ..rollout.sampling import SamplingConfig, row_seeds
 from .checkpoint import FROZEN_PREFIXES, restore_frozen, strip_frozen
 from .distributed import is_distributed, is_sharded, tokens_per_rank, uses_fsdp2
@@ -87,6 +87,7 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         emb = encoder.encode(self.variants) if self.needs.principle_embeddings else torch.zeros(0)
         self.register_buffer("principle_embeddings", emb, persistent=False)
         self.forwards = StepForwards(self.needs, sampling.temperature, group.micro_batch_size)
+        self.engine = sampling.engine if sampling.engine is not None else HFEngine()  # conf/rollout/engine/
         self.automatic_optimization = False  # training_step steps the optimiser (micro-batched backward)
         self._buffer: dict[str, Any] | None = None
         self.last_samples: list[dict] = []
@@ -124,10 +125,15 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         g = self.group.num_generations
         prompts = self.render(batch["source"], self.variants)  # (question, variant) order
         t0 = self._clock()
+        # the engine samples from the weights of this step (vllm: loaded after each optimiser step; hf: the policy)
+        self.engine.sync(self.policy, self.tokenizer, self.sampling, self.global_step)
+        sync_time = self._clock() - t0
+        t0 = self._clock()
         seeds = row_seeds(self.seed, self.global_step, prompts, self.per_prompt) if self.sampling.seed_per_prompt \
             else None
-        ro = generate(self.policy, self.tokenizer, prompts, self.per_prompt, self.sampling,
-                      prefill=self.prompt.prefill, seeds=seeds, synced_gpus=self._sharded)
+        ro = self.engine.generate(self.policy, self.tokenizer, prompts, self.per_prompt, self.sampling,
+                                  prefill=self.prompt.prefill, seeds=seeds, synced_gpus=self._sharded,
+                                  version=self.global_step)
         gen_time = self._clock() - t0
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
         rep_prompts = [p for p in prompts for _ in range(self.per_prompt)]
@@ -137,8 +143,8 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         advantages, std_zero = self.group.advantages(total.to(self.device))
         buf = dict(ro=ro, mask=self.group.loss_mask(ro.completion_mask, ro.truncated), advantages=advantages,
                    rewards=total, reward_list=total.tolist(), per_func=per_func, std_zero=std_zero,
-                   gen_time=gen_time, reward_time=reward_time, columns=columns, prompts=rep_prompts, old_logps=None,
-                   ref_logps=None, ref_hidden={}, ref_time=0.0,
+                   gen_time=gen_time, sync_time=sync_time, reward_time=reward_time, columns=columns,
+                   prompts=rep_prompts, old_logps=None, ref_logps=None, ref_hidden={}, ref_time=0.0,
                    layout=Layout(len(batch["source"]), self.num_variants, g))
         with torch.no_grad():
             if self.group.num_iterations > 1:
@@ -213,6 +219,8 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         # a reused rollout (step.num_iterations > 1) costs nothing this step
         timings = {"generation": buf["gen_time"] if fresh else 0.0, "reward": buf["reward_time"] if fresh else 0.0,
                    "reference": buf["ref_time"] if fresh else 0.0}
+        if buf["ro"].sampling_logps is not None:  # an engine outside the policy: loading the weights into it
+            timings["weight_sync"] = buf["sync_time"] if fresh else 0.0
         requests = self.forwards.requests(dict(self.terms), buf["layout"], self.per_prompt, ro.completion_ids.device)
         mb = self.group.micro_batch_size
         cached = mb is not None and any(r.size(ro) > mb for r in requests)
@@ -227,6 +235,9 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         self.last_timings = timings
         metrics["train/loss"] = total.detach()
         metrics.update(self._rollout_metrics(buf))
+        if fresh and ro.sampling_logps is not None:  # the engine's log-probs against the policy that trains on them
+            policy_logps = buf["old_logps"] if buf["old_logps"] is not None else step.logps.detach()
+            metrics.update(logprob_gap(policy_logps, ro.sampling_logps, ro.completion_mask))
         n = step.logps.size(0)
         # across ranks: the mean of the ranks' values (equal completions per rank, so the global mean)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=n, sync_dist=self._distributed)
@@ -260,7 +271,8 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
                          hidden=hidden, ref_hidden=buf["ref_hidden"],
                          principle_embeddings=self.principle_embeddings if self.needs.principle_embeddings else None,
                          scored=scored, num_items_in_batch=self._tokens_per_rank(buf["mask"]),
-                         max_completion_length=self.sampling.max_new_tokens, step=self.global_step)
+                         max_completion_length=self.sampling.max_new_tokens, step=self.global_step,
+                         sampling_logps=ro.sampling_logps, sampling_exact=ro.exact_logps)
         forward = partial(self.forwards.forward, self.policy, ro, per_prompt=self.per_prompt)
         for name, term in self.terms.items():
             t0 = self._clock()
@@ -289,6 +301,9 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         strip_frozen(checkpoint)
         checkpoint["val_best"] = self.val_best
+
+    def teardown(self, stage: str) -> None:
+        self.engine.close()  # a later rollout starts it again
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_frozen(checkpoint, self.state_dict())

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from ..rewards import answers_match, extract_answer, is_strict
-from ..rollout.hf import generate
 
 
 class GreedyValidation:
-    """LightningModule hooks for :class:`~.module.EnigmaModule` (policy, tokenizer, prompt, sampling, ``render``)."""
+    """LightningModule hooks for :class:`~.module.EnigmaModule` (policy, tokenizer, prompt, sampling, engine,
+    ``render``): the held-out prompts are decoded by the rollout engine."""
 
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        ro = generate(self.policy, self.tokenizer, self.render(batch["source"]), 1, self.sampling,
-                      prefill=self.prompt.prefill, greedy=True, synced_gpus=self._sharded)
+        self.engine.sync(self.policy, self.tokenizer, self.sampling, self.global_step)
+        ro = self.engine.generate(self.policy, self.tokenizer, self.render(batch["source"]), 1, self.sampling,
+                                  prefill=self.prompt.prefill, greedy=True, synced_gpus=self._sharded,
+                                  version=self.global_step)
         strict = [is_strict(c) for c in ro.completions]
         correct = [s and answers_match(extract_answer(c), t) for s, c, t in zip(strict, ro.completions,
                                                                                   batch["target"], strict=True)]
