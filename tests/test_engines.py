@@ -4,6 +4,7 @@ The vLLM engine itself is tested on vLLM's CPU build (tests/test_vllm.py, `nox -
 
 import pytest
 import torch
+from helpers import configured, step_batch
 
 from enigma_lightning.losses.grpo import grpo_loss
 from enigma_lightning.metrics.rollout import logprob_gap
@@ -11,7 +12,6 @@ from enigma_lightning.rollout.hf import HFEngine
 from enigma_lightning.rollout.vllm import installed
 from enigma_lightning.runtime.cli import rewrite_model_override
 from enigma_lightning.runtime.validate import config_problems
-from helpers import configured, step_batch
 
 
 def test_engines_compose_and_the_default_is_hf(make_cfg):

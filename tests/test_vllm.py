@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from helpers import configured, sampling
 
 pytestmark = pytest.mark.vllm

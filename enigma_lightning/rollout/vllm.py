@@ -35,7 +35,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -196,7 +195,7 @@ class VLLMEngine:
                                  repetition_penalty=sampling.repetition_penalty, stop_token_ids=eos, seed=s,
                                  logprobs=0, detokenize=False)
                   for s in request_seeds]
-        requests = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, am)]
+        requests = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, am, strict=True)]
         rng = torch.get_rng_state()  # vLLM's CPU sampler draws from the global stream even for seeded requests
         try:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -219,7 +218,7 @@ class VLLMEngine:
         for r, c in enumerate(completions):
             toks = list(c.token_ids)
             completion_ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            logps[r, : len(toks)] = torch.tensor([lp[t].logprob for t, lp in zip(toks, c.logprobs)])
+            logps[r, : len(toks)] = torch.tensor([lp[t].logprob for t, lp in zip(toks, c.logprobs, strict=True)])
         device = next(model.parameters()).device
         mask, truncated = completion_mask_from_eos(completion_ids, eos)
         completion_ids = completion_ids.masked_fill(mask == 0, pad)
