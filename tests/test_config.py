@@ -9,7 +9,7 @@ from enigma_lightning.runtime.cli import config_options, rewrite_model_override
 from enigma_lightning.runtime.validate import config_problems, validate
 
 GROUPS = ["model", "peft", "encoder", "data", "principles", "prompt", "loss", "step", "rollout", "reward", "optim",
-          "trainer", "logger", "callbacks", "hydra", "paths", "experiment", "debug"]
+          "trainer", "logger", "callbacks", "hydra", "paths", "experiment", "debug", "hparams_search"]
 NEEDS_VALUE = {"model=hf": ["model.name_or_path=/tmp"], "data=local": ["data.path=/tmp/x.jsonl"]}
 
 

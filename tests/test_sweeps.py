@@ -99,6 +99,45 @@ def test_launcher_and_trainer_presets_compose(launcher, trainer):
         assert launcher_cfg.tasks_per_node == 2
 
 
+def test_optuna_search_of_two_trials_on_the_tiny_model(tmp_path):
+    """hparams_search=optuna drives `train`: every trial trains, and the sweeper receives the value each returns."""
+    import math
+
+    import yaml
+    from helpers import run_cli
+
+    sweep = tmp_path / "optuna"
+    r = run_cli("enigma_lightning.train", "hparams_search=optuna", "experiment=smoke", "hydra.sweeper.n_trials=2",
+                "optimized_metric=train/reward/mean", "+reward.funcs.length._target_=helpers.length_reward",
+                "+reward.funcs.length._partial_=true", "allowed_targets=[helpers]", "trainer.max_steps=1",
+                "trainer.val_check_interval=1", "callbacks.checkpoint=null", "callbacks.export=null",
+                f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    values, params = [], []
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["global_step"] == 1
+        values.append(summary["final"]["train/reward/mean"])
+        swept = json.loads((sweep / job / "sweep.json").read_text())["overrides"]
+        assert set(swept) == {"optim.optimizer.lr", "grpo.beta", "rollout.temperature"}, swept
+        params.append(swept)
+    assert params[0] != params[1]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert math.isfinite(result["best_value"]) and result["best_value"] == max(values)  # direction: maximize
+    assert result["best_params"] == params[values.index(max(values))]
+    assert "finished" in (sweep / "report.md").read_text()
+
+
+def test_hparams_search_composes_with_the_optuna_sweeper(make_cfg):
+    with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert cfg.optimized_metric == "val/accuracy_best" and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert "Optuna" in cfg.hydra.sweeper._target_ and cfg.hydra.sweeper.direction == "maximize"
+    from enigma_lightning.runtime.validate import config_problems
+
+    assert config_problems(make_cfg("hparams_search=optuna")) == []
+
+
 def test_ablation_preset_sweeps_the_loss_terms():
     with initialize_config_module("enigma_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=["experiment=ablation"], return_hydra_config=True)

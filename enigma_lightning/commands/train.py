@@ -49,7 +49,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from omegaconf import open_dict
 
@@ -99,8 +99,8 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),
                           plugins=[AtomicCheckpointIO()])
-    for lg in loggers:  # the run folder already has config.yaml; W&B gets the resolved config as its run config
-        if isinstance(lg, WandbLogger):
+    for lg in loggers:  # the run folder already has config.yaml; W&B, TensorBoard and MLflow get the resolved config
+        if not isinstance(lg, CSVLogger):
             params = OmegaConf.to_container(cfg, resolve=True)
             if sweep is not None:
                 params.update({"sweep": sweep["sweep"], "sweep_job": sweep["job"],

@@ -92,9 +92,10 @@ class RunSummary(L.Callback):
     every logged scalar, the step count and wall time. Written at the end of fit and on an exception."""
 
     def __init__(self, window: int = 3, watch: tuple[str, ...] = ("train/reward/mean", "train/format/strict_rate",
-                                                                   "train/reward/format/mean")):
+                                                                   "train/reward/format/mean"),
+                 tags: list[str] | None = None):
         watch = tuple(metric(k) for k in watch)
-        self.window, self.watch = window, watch
+        self.window, self.watch, self.tags = window, watch, [str(t) for t in tags or []]
         self.history: dict[str, list[float]] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -114,7 +115,8 @@ class RunSummary(L.Callback):
                 w = min(self.window, len(h))
                 trends[k] = {"first": h[0], "last": h[-1], "start_mean": sum(h[:w]) / w, "end_mean": sum(h[-w:]) / w}
         ckpt = trainer.checkpoint_callback
-        return {"status": status, "global_step": trainer.global_step, "wall_time_s": time.time() - self._t0,
+        return {"status": status, "tags": self.tags, "global_step": trainer.global_step,
+                "wall_time_s": time.time() - self._t0,
                 "final": final, "trends": trends, "last_checkpoint": getattr(ckpt, "last_model_path", None) or None}
 
     def _write(self, trainer, status: str) -> None:

@@ -100,14 +100,55 @@ def entry_point(main) -> None:
     main()
 
 
+def own_keys(config_name: str) -> set[str]:
+    """The top-level keys a command's config defines: its own settings and the groups its defaults list selects
+    (``conf/<config_name>.yaml``)."""
+    from omegaconf import OmegaConf
+
+    primary = OmegaConf.load(importlib.resources.files("enigma_lightning.conf") / f"{config_name}.yaml")
+    keys = {str(k) for k in primary if k != "defaults"}
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, str):
+            continue  # _self_, shared/training_groups
+        (group,) = entry.keys()
+        keys.add(str(group).split("/")[-1].removeprefix("optional "))
+    return keys - {"experiment"}
+
+
+def drop_training_settings(cfg, config_name: str):
+    """``cfg`` without what an experiment preset (``experiment=smoke``) sets for training alone (``trainer``,
+    ``data``, ``logger``, ...): the keys ``conf/<config_name>.yaml`` does not define. Says which it dropped."""
+    from omegaconf import OmegaConf
+
+    extra = sorted(str(k) for k in cfg if str(k) not in own_keys(config_name))
+    if not extra:
+        return cfg
+    source = f" (from experiment={cfg_choice('experiment')})" if cfg_choice("experiment") else ""
+    print(f"{config_name}: the training settings {', '.join(extra)}{source} do not apply here; ignored")
+    out = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if str(k) not in extra])
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def cfg_choice(group: str) -> str | None:
+    """The option a group was given in this Hydra run (``experiment=smoke``), if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:
+        return None
+
+
 def hydra_command(run, config_name: str):
-    """(main, cli) for a command ``run(cfg)`` on ``conf/<config_name>.yaml``: user errors exit plainly (status 2)."""
+    """(main, cli) for a command ``run(cfg)`` on ``conf/<config_name>.yaml``: user errors exit plainly (status 2);
+    an experiment preset's training settings are dropped (:func:`drop_training_settings`)."""
     import hydra
 
     @hydra.main(version_base="1.3", config_path="pkg://enigma_lightning.conf", config_name=config_name)
     def main(cfg) -> None:
         with exit_on_user_error():
-            run(cfg)
+            run(drop_training_settings(cfg, config_name))
 
     def cli() -> None:
         entry_point(main)

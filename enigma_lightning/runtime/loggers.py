@@ -1,4 +1,5 @@
-"""Logger factories: metrics.csv in the run folder, and W&B (online with an API key, offline otherwise)."""
+"""Logger factories: metrics.csv in the run folder, W&B (online with an API key, offline otherwise), TensorBoard and
+MLflow (``pip install 'enigma-lightning[loggers]'``)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,41 @@ def csv_logger(save_dir: str) -> CSVLogger:
     return _CSVLogger(save_dir=save_dir, name="", version="")
 
 
+def _require(module: str, preset: str) -> None:
+    import importlib.util
+
+    from ..errors import ConfigError
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError([f"logger={preset} needs the {module} package, which is not installed. Install it "
+                           f"(pip install 'enigma-lightning[loggers]') or choose another logger: logger=csv"])
+
+
+def tensorboard_logger(save_dir: str, name: str = "tensorboard", **kwargs: Any):
+    """TensorBoard event files in ``<save_dir>/<name>`` (no version sub-folders: one run, one folder; a resumed run
+    adds a new event file next to the old ones). View them with ``tensorboard --logdir <save_dir>/<name>``."""
+    _require("tensorboard", "tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=save_dir, name=name, version="", **kwargs)
+
+
+def mlflow_logger(tracking_uri: str, experiment_name: str, run_name: str | None = None, tags: list[str] | None = None,
+                  **kwargs: Any):
+    """An MLflow run in ``tracking_uri`` (a local ``file:<folder>`` store by default, written offline; or a tracking
+    server's URL, or ``sqlite:///<path>``). ``tags`` is a list, as W&B's: each becomes an MLflow tag ``<tag>: "true"``.
+
+    MLflow 3 keeps the file store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true``; a
+    ``file:`` URI here opts in (the store needs no server or database, and ``mlflow ui`` still reads it)."""
+    _require("mlflow", "mlflow")
+    if str(tracking_uri).startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
+                        tags={str(t): "true" for t in tags or []} or None, **kwargs)
+
+
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -93,12 +129,13 @@ def resolve_mode(mode: str) -> str:
 
 
 def wandb_run(cfg, out_dir: Path, job_type: str):
-    """A W&B run for a command (si, evaluate, probe): ``cfg.wandb_mode`` auto | online | offline | disabled
-    (None when disabled); the composed config is the run config."""
+    """A W&B run for a command (si, evaluate, probe, lm_eval) tagged ``cfg.tags``: ``cfg.wandb_mode`` auto | online |
+    offline | disabled (None when disabled); the composed config is the run config."""
     if cfg.wandb_mode == "disabled":
         return None
     import wandb
     from omegaconf import OmegaConf
 
     return wandb.init(project=cfg.wandb_project, dir=str(out_dir), mode=resolve_mode(cfg.wandb_mode), job_type=job_type,
-                      config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+                      config=OmegaConf.to_container(cfg, resolve=True), tags=list(cfg.get("tags") or []) or None,
+                      reinit="finish_previous")

@@ -33,7 +33,7 @@ def hydra_info() -> dict[str, Any] | None:
     if hc.mode != RunMode.MULTIRUN:
         return None
     sweep_dir = Path(hc.sweep.dir)
-    swept = swept_keys(sweep_dir)
+    swept = swept_keys(sweep_dir) | _param_keys(hc.sweeper.get("params") or {})
     overrides = {}
     for o in hc.overrides.task:
         key, _, value = o.partition("=")
@@ -55,21 +55,12 @@ def _typed(value: str):
     return v if isinstance(v, int | float | bool) else value
 
 
-def swept_keys(sweep_dir: Path) -> set[str]:
-    """Keys that vary across a sweep, from the sweep's ``multirun.yaml`` (written by Hydra before the jobs start):
-    the command line's sweep overrides (``a=1,2``, ranges, globs) and the sweeper's params (presets such as
-    ``experiment=ablation``)."""
+def _sweep_keys(overrides) -> set[str]:
+    """The keys of the sweep overrides among ``overrides`` (``a=1,2``, ranges, globs, ``interval(...)``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
 
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not path.exists():
-        return set()
-    hydra_cfg = OmegaConf.load(path).hydra
-    params = hydra_cfg.sweeper.get("params") or {}
-    candidates = [*hydra_cfg.overrides.task, *(f"{k}={v}" for k, v in params.items())]
     parser, swept = OverridesParser.create(), set()
-    for text in candidates:
+    for text in overrides:
         try:
             (o,) = parser.parse_overrides([str(text)])
         except Exception:  # not an override this parser reads: not a sweep either
@@ -77,6 +68,25 @@ def swept_keys(sweep_dir: Path) -> set[str]:
         if o.is_sweep_override():
             swept.add(o.key_or_group.lstrip("+~"))
     return swept
+
+
+def _param_keys(params) -> set[str]:
+    """The keys a sweeper's ``params`` sweep over (``{lr: interval(1e-6, 1e-4)}``). Optuna's sweeper writes no
+    ``multirun.yaml``, so a job also reads them from its own Hydra config."""
+    return _sweep_keys(f"{k}={v}" for k, v in params.items())
+
+
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """Keys that vary across a sweep, from the sweep's ``multirun.yaml`` (written by Hydra's basic sweeper before the
+    jobs start): the command line's sweep overrides (``a=1,2``, ranges, globs) and the sweeper's params (presets such
+    as ``experiment=ablation``)."""
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.exists():
+        return set()
+    hydra_cfg = OmegaConf.load(path).hydra
+    return _sweep_keys(hydra_cfg.overrides.task) | _param_keys(hydra_cfg.sweeper.get("params") or {})
 
 
 def previous_outcome(out: Path) -> str | None:

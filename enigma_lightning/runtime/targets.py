@@ -32,7 +32,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 FIXED = {"optim": ("optimizer", "scheduler")}
 TOP_LEVEL = ("paths", "model", "peft", "encoder", "data", "principles", "prompt", "step", "loss", "rollout", "reward",
              "optim", "trainer", "logger", "callbacks", "seed", "optimized_metric", "ckpt_path", "resume",
-             "rerun_failed", "cpu_malloc", "module", "allowed_targets", "on_config_change")
+             "rerun_failed", "cpu_malloc", "module", "allowed_targets", "on_config_change", "tags")
 
 
 def _patterns(extra: list[str] | None) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..data.datasets import check_data_source
 from ..data.principles import PrincipleSet
@@ -147,6 +147,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if om is not None and not documented(str(om)):
         p.append(f"optimized_metric={om} is not a metric a run logs (docs/metrics.md). Set optimized_metric="
                  "val/accuracy_best, or optimized_metric=null")
+    tags = _get(cfg, "tags")
+    if tags is not None and (not isinstance(tags, ListConfig) or not all(isinstance(t, str) for t in tags)):
+        p.append(f"tags must be a list of words; got {tags!r}. Set tags=[baseline,qwen] (or tags=[])")
     if not str(_get(cfg, "principles.text", "") or "").strip():
         p.append("principles.text is empty. Choose a set: principles=default (see conf/principles/)")
     if _get(cfg, "on_config_change", "refuse") not in CONFIG_CHANGE_MODES:
