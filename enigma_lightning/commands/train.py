@@ -54,6 +54,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     from omegaconf import open_dict
 
     from ..runtime import allocator
+    from ..runtime.loggers import one_console_handler
     from ..runtime.folders import (
         atomic_write_text,
         check_config_matches,
@@ -63,6 +64,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     )
     from ..runtime.sweeps import hydra_info, plan, single_job_argv
 
+    one_console_handler()
     summary_path = out / "summary.json"
     action, ckpt_path = plan(cfg, out)
     if action in ("skip", "resume") and (out / "config.yaml").is_file():
