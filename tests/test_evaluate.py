@@ -121,13 +121,15 @@ def test_checkpoint_and_exported_policy_load_the_same_weights(trained_run):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_evaluate_end_to_end_on_a_checkpoint(trained_run, tmp_path):
+def test_evaluate_end_to_end_on_a_checkpoint(trained_run, tmp_path, capsys):
     from enigma_lightning.commands.evaluate import run
 
     out = tmp_path / "eval"
     cfg = _compose("evaluate", f"ckpt_path={trained_run / 'checkpoints/last.ckpt'}", "benchmark.bundled.limit=6",
                    "rollout.max_new_tokens=12", "wandb_mode=offline", f"paths.output_dir={out}", "batch_size=4")
     report = run(cfg)
+    # generation says what it is doing before it starts (and a progress bar counts the questions)
+    assert "bundled: generating answers to 6 questions (2 batches of up to 4)" in capsys.readouterr().out
     m = report["results"]["bundled"]
     assert m["num_items"] == 6 and all(0 <= m[k] <= 1 for k in ("accuracy", "format_rate", "truncated_rate"))
     assert 0 < m["mean_length"] <= 12

@@ -73,6 +73,7 @@ def test_failed_restore_changes_nothing_and_sigterm_exits_143(tmp_path):
     r = run_cli("enigma_lightning.train", *args)
     assert r.returncode == 143, r.stderr[-2000:]
     assert "stopped by SIGTERM" in r.stderr
+    assert (r.stdout + r.stderr).count("Seed set to") == 1  # each Lightning INFO line once
     ckpt = out / "checkpoints" / "interrupted.ckpt"
     assert ckpt.is_file()
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a checkpoint cut short (a full disk, a copy that stopped)

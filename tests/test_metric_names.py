@@ -42,3 +42,20 @@ def test_optimized_metric_must_be_a_logged_name(make_cfg):
     assert config_problems(make_cfg("optimized_metric=val/acc")) == [
         "optimized_metric=val/acc is not a metric a run logs (docs/metrics.md). Set optimized_metric="
         "val/accuracy_best, or optimized_metric=null"]
+
+
+def test_the_table_keeps_its_header_after_a_paragraph():
+    """A paragraph right before the table's marker: the table still renders with its header (a blank line
+    separates them), in Python-Markdown as on GitHub."""
+    markdown = pytest.importorskip("markdown")
+    from enigma_lightning.metrics.names import BEGIN, END
+
+    text = f"# Metrics\n\nA paragraph, then at once the table:\n{BEGIN}\nold\n{END}\nA paragraph after it.\n"
+    out = render_doc(text)
+    # blank lines around it: no renderer can take the header for part of the marker's HTML block or a paragraph
+    assert f"{BEGIN}\n\n| name | meaning |\n" in out and f"|\n\n{END}" in out
+    html = markdown.markdown(out, extensions=["tables"])
+    assert html.count("<thead>") == 1 and "<td><code>train/loss</code></td>" in html
+    assert "A paragraph after it.</p>" in html
+    doc = markdown.markdown((ROOT / "docs" / "metrics.md").read_text(), extensions=["tables"])
+    assert doc.count("<thead>") == 2  # our table and the TRL name mapping

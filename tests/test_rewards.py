@@ -66,7 +66,7 @@ def test_trl_signature_and_reward_model():
     assert xml_format_reward(prompts, comps) == [1.0, 0.75, 0.0]
     assert strict_format_reward(prompts=prompts, completions=comps) == [1.0, 0.0, 0.0]
     rm = RewardModel({"format": xml_format_reward, "correctness": gated_correctness_reward},
-                     {"format": 1.0, "correctness": 2.0})
+                     {"format": 1.0, "correctness": 2.0}, conversational=[])
     per_func, total = rm(prompts, comps, target=["19", "19", "19"])
     assert per_func.tolist() == [[1.0, 1.0], [0.75, 0.0], [0.0, 0.0]]
     assert total.tolist() == [3.0, 0.75, 0.0]
@@ -75,11 +75,11 @@ def test_trl_signature_and_reward_model():
 
 
 def test_all_none_is_unscorable():
-    rm = RewardModel({"c": gated_correctness_reward})
+    rm = RewardModel({"c": gated_correctness_reward}, conversational=[])
     _, total = rm(["p"], [VALID], target=[None])
     assert math.isnan(total[0])
 
 
 def test_reward_model_rejects_unknown_weight():
     with pytest.raises(ValueError, match="reward.weights"):
-        RewardModel({"format": xml_format_reward}, {"fromat": 1.0})
+        RewardModel({"format": xml_format_reward}, {"fromat": 1.0}, conversational=[])

@@ -75,6 +75,12 @@ def test_report_on_a_sweep_folder_with_failed_and_unfinished_jobs(tmp_path):
     assert md.count("\n| ") == 4 and "RuntimeError: boom" in md  # one row per job
     for name in ("curves.png", "by_principles.png", "si_vs_score.png", "report.csv"):
         assert (sweep / name).stat().st_size > 0, name
+    # the swept `principles` is not repeated as principle_set; identical curves are one line with both labels
+    assert "principle_set" not in md.splitlines()[0] and "principle_set" not in (sweep / "report.csv").read_text()
+    from enigma_lightning.commands.report import curve_lines
+
+    assert [label for label, _ in curve_lines(rows, result["swept"])] == [
+        "principles=high_si = principles=low_si (same curves)"]
 
 
 def test_report_cli_errors(tmp_path):

@@ -26,12 +26,18 @@ def test_smoke_outputs(make_cfg, tmp_path, monkeypatch):
     modes = []
     monkeypatch.setattr(allocator, "configure", modes.append)
     out = tmp_path / "run"
-    summary = run(make_cfg("experiment=smoke", out=out))
+    summary = run(make_cfg("experiment=smoke", "callbacks.samples.every_n_steps=2", out=out))
     assert modes == ["reuse"]  # CPU training applies cpu_malloc (tests/test_allocator.py checks what it does)
     for name in ("config.yaml", "metrics.csv", "summary.json", "samples.jsonl", "policy/config.json",
                  "checkpoints/last.ckpt"):
         assert (out / name).exists(), name
     assert summary["status"] == "finished" and summary["global_step"] == 4
+    # one checkpoint per run by default (smoke checkpoints every 2 steps): the last
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(out / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    # samples every 2 steps from step 0, and the last step's
+    steps = [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [0, 2, 3]
     rows = _metrics(out)
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     required = ["train/loss", "train/reward/mean", "train/reward/std", "train/reward/format/mean",
@@ -197,3 +203,14 @@ def test_bf16_autocast_trains(make_cfg, tmp_path):
     summary = run(make_cfg("experiment=smoke", "trainer.precision=bf16-mixed", "trainer.max_steps=2", *SIGNAL, out=out))
     assert summary["global_step"] == 2
     assert math.isfinite(summary["final"]["train/loss"])
+
+
+def test_progress_bar_shows_seconds_per_step_for_slow_steps():
+    from tqdm import tqdm
+
+    from enigma_lightning.runtime.callbacks import ProgressBar
+
+    slow = tqdm.format_meter(n=1, total=12, elapsed=50.0, bar_format=ProgressBar.BAR_FORMAT)
+    fast = tqdm.format_meter(n=4, total=12, elapsed=2.0, bar_format=ProgressBar.BAR_FORMAT)
+    assert "50.00s/it" in slow and "it/s" not in slow
+    assert "2.00it/s" in fast

@@ -32,9 +32,14 @@ METRICS = ("accuracy", "accuracy_lenient", "format_rate", "answered_rate", "mean
 
 
 def evaluate_items(model, tok, prompt, principles: str, items: list[Item], sampling, greedy: bool = True,
-                   batch_size: int = 16) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(metrics, per-item records) for ``items``."""
+                   batch_size: int = 16, desc: str = "eval") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, per-item records) for ``items``; a progress bar (``desc``) counts the questions answered."""
+    from tqdm.auto import tqdm
+
     records = []
+    batches = -(-len(items) // batch_size)
+    print(f"{desc}: generating answers to {len(items)} questions ({batches} batches of up to {batch_size})", flush=True)
+    bar = tqdm(total=len(items), desc=desc, unit="question", dynamic_ncols=True)
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
         prompts = [prompt.render(tok, it.question, principles) for it in chunk]
@@ -43,6 +48,8 @@ def evaluate_items(model, tok, prompt, principles: str, items: list[Item], sampl
                                    strict=True):
             records.append({"id": it.id, "prompt": p, "completion": c, "answer": it.answer, "length": int(n),
                             "truncated": bool(tr), **score(it, c)})
+        bar.update(len(chunk))
+    bar.close()
     n = max(len(records), 1)
     metrics = {
         "accuracy": sum(r["correct"] for r in records) / n,
@@ -93,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for name, its in items.items():
         t0 = time.perf_counter()
         metrics, records = evaluate_items(model, tok, prompt, principles.text, its, sampling,
-                                          greedy=cfg.decoding == "greedy", batch_size=cfg.batch_size)
+                                          greedy=cfg.decoding == "greedy", batch_size=cfg.batch_size, desc=name)
         metrics["seconds"] = time.perf_counter() - t0
         results[name] = metrics
         examples[name] = records[0]["prompt"] if records else ""

@@ -8,7 +8,8 @@ a job that never wrote a summary), and its final metrics from ``summary.json``. 
 ``--out``):
 
 - ``report.md`` and ``report.csv``: one row per job;
-- ``curves.png``: reward and strict-format rate per step, one line per job (from ``metrics.csv``);
+- ``curves.png``: reward and strict-format rate per step, one line per job (from ``metrics.csv``; jobs with identical
+  curves share one line, labelled with each of them);
 - ``by_<key>.png``: each final metric against each swept key;
 - ``si_vs_score.png``: the principle set's Sufficiency Index against the final score, when SI figures are given
   (``--si``: a ``si_table.csv`` or ``si*.json`` from ``python -m enigma_lightning.si``; a ``si_table.csv`` in the
@@ -100,7 +101,9 @@ def _fmt(v: Any) -> str:
 
 def write_tables(rows: list[dict], out: Path, swept: list[str]) -> str:
     metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
-    cols = ["job", *swept, "status", "steps", *metrics, "principle_set", "error"]
+    # the principle set's name, unless the sweep's `principles` column already says it
+    named = [] if "principles" in swept else ["principle_set"]
+    cols = ["job", *swept, "status", "steps", *metrics, *named, "error"]
     with open(out / "report.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -118,17 +121,30 @@ def write_tables(rows: list[dict], out: Path, swept: list[str]) -> str:
     return text
 
 
-def _curves(rows: list[dict], swept: list[str], out: Path, plt) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+CURVES = (metric("train/reward/mean"), metric("train/format/strict_rate"))
+
+
+def curve_lines(rows: list[dict], swept: list[str]) -> list[tuple[str, tuple]]:
+    """(label, (points per curve metric)) per line of ``curves.png``: jobs whose curves are identical share one line,
+    labelled with all of them (a line drawn on top of another would hide it)."""
+    lines: dict[tuple, list[str]] = {}
     for r in rows:
         path = Path(r["dir"]) / "metrics.csv"
         if not path.exists():
             continue
         with open(path) as f:
-            data = [x for x in csv.DictReader(f) if x.get("train/reward/mean")]
-        label = ", ".join(f"{k}={r.get(k)}" for k in swept) or f"job {r['job']}"
-        for ax, key in zip(axes, ("train/reward/mean", "train/format/strict_rate"), strict=True):
-            pts = [(int(x["step"]), float(x[key])) for x in data if x.get(key)]
+            data = [x for x in csv.DictReader(f) if x.get(CURVES[0])]
+        pts = tuple(tuple((int(x["step"]), float(x[key])) for x in data if x.get(key)) for key in CURVES)
+        if any(pts):
+            lines.setdefault(pts, []).append(", ".join(f"{k}={r.get(k)}" for k in swept) or f"job {r['job']}")
+    return [(labels[0] if len(labels) == 1 else " = ".join(labels) + " (same curves)", pts)
+            for pts, labels in lines.items()]
+
+
+def _curves(rows: list[dict], swept: list[str], out: Path, plt) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for label, curves in curve_lines(rows, swept):
+        for ax, pts in zip(axes, curves, strict=True):
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker=".", label=label)
     for ax, title in zip(axes, ("reward", "strict-format rate"), strict=True):

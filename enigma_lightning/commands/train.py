@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model.*")
 warnings.filterwarnings("ignore", message=r".*is set, but there is no last checkpoint available.*")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# the checkpoint holds the state after the step's optimiser update, which is what resuming needs
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps.*")
 # a resumed run continues metrics.csv (loggers.csv_logger) rather than deleting it, as this warning would say
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty.*")
 
@@ -61,8 +63,10 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
         new_folder,
         run_lock,
     )
+    from ..runtime.loggers import one_console_handler
     from ..runtime.sweeps import hydra_info, plan, single_job_argv
 
+    one_console_handler()
     summary_path = out / "summary.json"
     action, ckpt_path = plan(cfg, out)
     if action in ("skip", "resume") and (out / "config.yaml").is_file():

@@ -35,6 +35,8 @@ TABLE: list[tuple[str, str]] = [
     ("train/reward/mean", "total (weighted) reward over the step's completions"),
     ("train/reward/std", "its standard deviation (unscorable completions ignored)"),
     ("train/reward/<name>/mean", "mean of one reward function (`format`, `correctness`, your own), ignoring `None`"),
+    ("train/reward/<name>/logged/<key>", "a scalar a reward function reported with TRL's `log_metric(key, value)` (or "
+     "a numeric entry of a verl `compute_score` dict), mean over the step"),
     ("train/reward/nonfinite", "reward values returned NaN or inf this step (`None` is unscorable, not counted); "
      "such a step is not applied (callbacks.guard)"),
     ("train/nonfinite_skipped", "1 on a step whose loss, gradients or rewards were not finite and that was skipped "
@@ -42,6 +44,9 @@ TABLE: list[tuple[str, str]] = [
     ("train/reward/frac_zero_std", "fraction of completions in groups whose rewards are all equal (no GRPO signal)"),
     ("train/advantages/abs_mean", "mean absolute advantage"),
     ("train/format/strict_rate", "fraction of completions in the strict XML format (`format` in the progress bar)"),
+    ("train/entropy", "per-token entropy of the policy on the completion tokens (nats), estimated as the mean of "
+     "`-log p` of the sampled tokens at the sampling temperature (TRL's `entropy` is the exact entropy of the logits; "
+     "on a fresh rollout this is its unbiased estimate)"),
     ("train/completions/mean_length", "completion tokens up to and including EOS, mean over the step"),
     ("train/completions/max_length", "the same, maximum"),
     ("train/completions/clipped_ratio", "fraction of completions that hit `rollout.max_new_tokens` without EOS"),
@@ -75,7 +80,7 @@ TABLE: list[tuple[str, str]] = [
      "`python -m enigma_lightning.probe`), averaged over layers; per-layer values in `probes/step<N>/probe.json`"),
     ("probe/<measure>/last", "the same at the last layer"),
     ("samples/completions", "W&B table of sample completions (prompt, completion, reward, target), every "
-     "`callbacks.samples.every_n_steps` steps; also appended to `samples.jsonl`"),
+     "`callbacks.samples.every_n_steps` steps and at the last step; also appended to `samples.jsonl`"),
     ("reward", "progress bar only: `train/reward/mean`"),
     ("format", "progress bar only: `train/format/strict_rate`"),
 ]
@@ -112,7 +117,9 @@ def render_doc(text: str) -> str:
     """``text`` (docs/metrics.md) with the generated table between its markers."""
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{markdown_table()}{END}{tail}"
+    # blank lines around the table: a table right after a line of HTML (the marker) or a paragraph is not a table
+    # to every renderer, and one followed by a non-blank line may swallow it as a row
+    return f"{head}{BEGIN}\n\n{markdown_table()}\n{END}{tail}"
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ from .stats import nanstd
 
 
 def rollout_metrics(ro, rewards: torch.Tensor, per_func: torch.Tensor, std_zero: torch.Tensor,
-                    advantages: torch.Tensor, reward_names: list[str]) -> dict[str, torch.Tensor | float]:
+                    advantages: torch.Tensor, reward_names: list[str],
+                    logged: dict[tuple[str, str], float] | None = None) -> dict[str, torch.Tensor | float]:
+    """``logged``: {(reward function, name): value} the functions reported with TRL's ``log_metric``."""
     lengths = ro.lengths.float()
     m = {
         "train/reward/mean": torch.nanmean(rewards),
@@ -26,6 +28,8 @@ def rollout_metrics(ro, rewards: torch.Tensor, per_func: torch.Tensor, std_zero:
     }
     for i, name in enumerate(reward_names):
         m[f"train/reward/{name}/mean"] = torch.nanmean(per_func[:, i])
+    for (name, key), value in (logged or {}).items():
+        m[f"train/reward/{name}/logged/{key}"] = value
     return m
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -195,6 +196,15 @@ def checkpointing(model: nn.Module) -> bool:
     if hasattr(model, "is_activation_checkpointing"):
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft building a ``PeftModel``: peft reads the checkpointing flag by transformers' deprecated name
+    (``is_gradient_checkpointing``, a FutureWarning on every LoRA run); that one warning is hushed, no other."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def enable_checkpointing(model: nn.Module, every_n_layers: int = 1) -> None:

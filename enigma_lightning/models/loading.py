@@ -100,7 +100,8 @@ def apply_lora(model: nn.Module, lora_config: Any) -> nn.Module:
         raise EnigmaError("peft=lora needs the peft package: pip install 'enigma-lightning[lora]'") from e
     if compat.checkpointing(model):
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config)
+    with compat.peft_wrapping():
+        return get_peft_model(model, lora_config)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

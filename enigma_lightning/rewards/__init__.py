@@ -1,8 +1,11 @@
-"""Rewards: functions with TRL's signature ``f(prompts, completions, **columns) -> list[float | None]``
-(:mod:`.xml`: the format-gated XML chain-of-thought rewards) and :class:`RewardModel`, which combines them.
-Configs name them as ``enigma_lightning.rewards.<name>`` (``conf/reward/``)."""
+"""Rewards: functions called as TRL's ``GRPOTrainer`` calls them, ``f(prompts, completions, completion_ids,
+trainer_state, **columns) -> list[float | None]`` (:mod:`.xml`: the format-gated XML chain-of-thought rewards;
+TRL's own, e.g. ``trl.rewards.think_format_reward``, in the conversational form), verl's ``compute_score``
+through :class:`VerlScore` (:mod:`.verl`), and :class:`RewardModel`, which combines them (:mod:`.combine` says what
+each argument holds). Configs name them as ``enigma_lightning.rewards.<name>`` (``conf/reward/``)."""
 
-from .combine import RewardModel
+from .combine import RewardModel, token_lists, trainer_state
+from .verl import VerlScore, xml_compute_score
 from .xml import (
     RewardFn,
     answers_match,
@@ -14,5 +17,6 @@ from .xml import (
     xml_format_reward,
 )
 
-__all__ = ["RewardFn", "RewardModel", "answers_match", "extract_answer", "format_score", "gated_correctness_reward",
-           "is_strict", "strict_format_reward", "xml_format_reward"]
+__all__ = ["RewardFn", "RewardModel", "VerlScore", "answers_match", "extract_answer", "format_score",
+           "gated_correctness_reward", "is_strict", "strict_format_reward", "token_lists", "trainer_state", "xml_compute_score",
+           "xml_format_reward"]

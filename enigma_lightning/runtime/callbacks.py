@@ -57,8 +57,8 @@ class StepTimer(L.Callback):
 
 
 class CompletionSamples(L.Callback):
-    """Every ``every_n_steps`` steps, append the step's sample completions to ``samples.jsonl`` in the run folder
-    and log them to W&B as a table (``samples/completions``)."""
+    """Every ``every_n_steps`` steps (from step 0) and at the last step, append the step's sample completions to
+    ``samples.jsonl`` in the run folder and log them to W&B as a table (``samples/completions``)."""
 
     def __init__(self, every_n_steps: int = 5):
         self.every_n_steps = every_n_steps
@@ -75,7 +75,8 @@ class CompletionSamples(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1
-        if step % self.every_n_steps != 0 or not trainer.is_global_zero or not pl_module.last_samples:
+        last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps  # the last step is always kept
+        if (step % self.every_n_steps != 0 and not last) or not trainer.is_global_zero or not pl_module.last_samples:
             return
         with open(_outdir(trainer) / "samples.jsonl", "a") as f:
             for s in pl_module.last_samples:
@@ -182,7 +183,10 @@ class FinalCheckpoint(L.Callback):
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's progress bar without the logger's version tag: shows step, reward and format rate. Honours
-    tqdm's ``TQDM_DISABLE=1`` (Lightning's own bar ignores it)."""
+    tqdm's ``TQDM_DISABLE=1`` (Lightning's own bar ignores it). The rate reads ``s/it`` when a step takes longer
+    than a second (Lightning's format always shows ``it/s``: ``0.00it/s`` for a 10-minute step)."""
+
+    BAR_FORMAT = TQDMProgressBar.BAR_FORMAT.replace("{rate_noinv_fmt}", "{rate_fmt}")
 
     def __init__(self, refresh_rate: int = 1, **kwargs):
         super().__init__(refresh_rate=refresh_rate, **kwargs)

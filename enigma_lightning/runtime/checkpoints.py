@@ -90,7 +90,10 @@ def load_policy_from(cfg: DictConfig, key: str = "ckpt_path") -> tuple[torch.nn.
         if (p / "adapter_config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
-            model = AutoPeftModelForCausalLM.from_pretrained(str(p)).merge_and_unload()
+            from ..models.compat import peft_wrapping
+
+            with peft_wrapping():
+                model = AutoPeftModelForCausalLM.from_pretrained(str(p)).merge_and_unload()
         else:
             model = load_policy(_with_path(spec, str(p)))
         return model.eval(), load_tokenizer(_with_path(spec, str(p)))

@@ -50,6 +50,25 @@ def moved_keys(argv: list[str]) -> list[str]:
     return out
 
 
+def other_names(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv with other trainers' names mapped to ours, a note for each): ``max_completion_length=128`` (TRL's name,
+    at the top level or under ``rollout.``) runs as ``rollout.max_new_tokens=128``."""
+    from .targets import OTHER_NAMES
+
+    out, notes = [], []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        name = bare.split(".", 1)[1] if bare.startswith("rollout.") else bare
+        if eq and name in OTHER_NAMES and not key.startswith("~"):
+            ours, who = OTHER_NAMES[name]
+            out.append(f"{ours}={value}")
+            notes.append(f"{bare} is {who}'s name for {ours}: running with {ours}={value}")
+        else:
+            out.append(arg)
+    return out, notes
+
+
 def hydra_target_problems(argv: list[str]) -> list[str]:
     """Hydra builds ``hydra.*`` objects (callbacks, launchers, sweepers) before any of our code sees the config, so
     their ``_target_`` overrides are checked here, against the same allow-list (plus Hydra's own plugins)."""
@@ -96,7 +115,10 @@ def entry_point(main) -> None:
     if problems := moved_keys(sys.argv[1:]) + hydra_target_problems(sys.argv[1:]):
         print("\nerror: " + "\n       ".join(problems), file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0], *rewrite_model_override(sys.argv[1:])]
+    argv, notes = other_names(sys.argv[1:])
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    sys.argv = [sys.argv[0], *rewrite_model_override(argv)]
     main()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,16 @@ def wandb_run(cfg, out_dir: Path, job_type: str):
     return wandb.init(project=cfg.wandb_project, dir=str(out_dir), mode=resolve_mode(cfg.wandb_mode), job_type=job_type,
                       config=OmegaConf.to_container(cfg, resolve=True), tags=list(cfg.get("tags") or []) or None,
                       reinit="finish_previous")
+
+
+def one_console_handler() -> None:
+    """Lightning's package logger (``lightning``) has a console handler of its own and also passes its records up to
+    the root logger, to which Hydra gives a console and a file handler: every Lightning INFO line was printed twice.
+    When the root logger has handlers, Lightning's own console handler goes (its lines still reach the console and
+    ``train.log`` through the root's)."""
+    if not logging.getLogger().handlers:
+        return
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_logger.removeHandler(handler)

@@ -1,9 +1,10 @@
 """What a config may instantiate, and which keys a node may have.
 
 Every ``_target_`` in a config must match :data:`ALLOWED` (the project's own objects and the named libraries'
-optimisers, schedulers, Lightning's trainer pieces and peft's configs) or a pattern the user adds explicitly with
-``allowed_targets=[mypackage.rewards]`` (a module name allows everything in it; ``*`` globs). Config files read
-from a run folder (``evaluate``, ``probe``) are checked against :data:`ALLOWED` alone: a run folder cannot widen it.
+optimisers, schedulers, Lightning's trainer pieces, peft's configs and TRL's reward functions) or a pattern the user
+adds explicitly with ``allowed_targets=[mypackage.rewards]`` (a module name allows everything in it; ``*`` globs).
+Config files read from a run folder (``evaluate``, ``probe``) are checked against :data:`ALLOWED` alone: a run folder
+cannot widen it.
 
 A node with a ``_target_`` may only hold keys its target takes (unless it takes ``**kwargs``): ``+optim.lr=1e-4``
 or ``grpo.betaa=0.1`` is an error that names the key that exists.
@@ -26,7 +27,10 @@ ALLOWED = (
     "lightning.pytorch.profilers.*", "lightning.pytorch.plugins.*",
     "transformers.get_*schedule*", "transformers.optimization.get_*schedule*",
     "peft.*Config",
+    "trl.rewards.*",
 )
+# other trainers' names for our settings (TRL's GRPOConfig): the CLI maps them, a config file is told the name
+OTHER_NAMES = {"max_completion_length": ("rollout.max_new_tokens", "TRL")}
 HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 # config nodes without a _target_ whose keys are fixed
 FIXED = {"optim": ("optimizer", "scheduler")}
@@ -68,7 +72,7 @@ def target_problems(cfg: DictConfig, extra: list[str] | None = None, where: str 
         if isinstance(target, str) and not allowed(target, extra):
             key = f"{path}._target_" if path else "_target_"
             out.append(f"{where}{key}={target} is not an allowed target (the project's own, torch.optim, Lightning's "
-                       "trainer pieces, transformers' schedulers, peft's configs). If you trust it, allow it "
+                       "trainer pieces, transformers' schedulers, peft's configs, TRL's rewards). If you trust it, allow it "
                        f"explicitly: allowed_targets=[{target}]")
     return out
 
@@ -126,6 +130,11 @@ def unknown_key_problems(cfg: DictConfig, terms: list[str]) -> list[str]:
             if k in HYDRA_KEYS or k in names:
                 continue
             full = f"{path}.{k}" if path else k
+            if k in OTHER_NAMES:
+                ours, who = OTHER_NAMES[k]
+                value = node._get_node(k)._value()
+                out.append(f"{full} is {who}'s name for {ours}; set {ours}={value} (and remove {full})")
+                continue
             owner = node._get_node("_target_")._value() if "_target_" in node else path or "the top level"
             out.append(f"{full} is not a setting ({owner} takes no {k!r}).{_suggest(cfg, path, k, sorted(names))} "
                        f"Remove +{full}")

@@ -172,4 +172,13 @@ def objective(terms, step, clock: Callable[[], float], timings: dict[str, float]
         total = total + term.weight * loss
         metrics[f"train/{name}/loss"] = loss.detach()
         metrics.update({f"train/{name}/{k}": v for k, v in term_metrics.items()})
+    metrics["train/entropy"] = token_entropy(step.logps, step.eos_mask)
     return total, metrics
+
+
+def token_entropy(logps: Tensor, mask: Tensor) -> Tensor:
+    """Per-token entropy of the policy on the completion tokens, estimated as the mean of ``-log p`` of the sampled
+    tokens (``logps`` are at the sampling temperature, so this is an unbiased estimate of the sampling distribution's
+    entropy on a fresh rollout); detached."""
+    m = mask.to(logps.dtype)
+    return -(logps.detach() * m).sum() / m.sum().clamp(min=1)

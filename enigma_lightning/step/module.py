@@ -31,7 +31,7 @@ from ..losses.base import Layout, LossTerm, Needs, StepBatch
 from ..metrics.rollout import logprob_gap, rollout_metrics, sample_rows
 from ..models.encoder import PrincipleEncoder
 from ..models.loading import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokenizer
-from ..rewards import RewardModel
+from ..rewards import RewardModel, token_lists, trainer_state
 from ..rollout.hf import HFEngine
 from ..rollout.sampling import SamplingConfig, row_seeds
 from .checkpoint import FROZEN_PREFIXES, restore_frozen, strip_frozen
@@ -138,7 +138,13 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         columns = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
         rep_prompts = [p for p in prompts for _ in range(self.per_prompt)]
         t0 = self._clock()
-        per_func, total = self.reward(rep_prompts, ro.completions, **columns)
+        # as TRL calls rewards (enigma_lightning.rewards.combine): token ids, the run's progress, the chat messages
+        messages = [self.prompt.messages(q, v) for q in batch["source"] for v in self.variants
+                    for _ in range(self.per_prompt)]
+        per_func, total = self.reward(rep_prompts, ro.completions, prompt_messages=messages,
+                                      completion_ids=token_lists(ro.completion_ids, ro.completion_mask),
+                                      trainer_state=trainer_state(self.global_step, self._max_steps(),
+                                                                  self.current_epoch), **columns)
         reward_time = self._clock() - t0
         advantages, std_zero = self.group.advantages(total.to(self.device))
         buf = dict(ro=ro, mask=self.group.loss_mask(ro.completion_mask, ro.truncated), advantages=advantages,
@@ -155,6 +161,9 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
                                                                               self.per_prompt)
                 buf["ref_time"] = self._clock() - t0
         return buf
+
+    def _max_steps(self) -> int:
+        return self._trainer.max_steps if self._trainer is not None else -1
 
     # ---- distributed (:mod:`.distributed`) ---------------------------------------------------------------------
     @property
@@ -285,7 +294,8 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         ro, rewards = buf["ro"], buf["rewards"]
         self.last_samples = sample_rows(self.global_step, buf["prompts"], ro.completions, buf["reward_list"],
                                         buf["columns"].get("target"))[: self.num_samples_kept]
-        return rollout_metrics(ro, rewards, buf["per_func"], buf["std_zero"], buf["advantages"], self.reward.names)
+        return rollout_metrics(ro, rewards, buf["per_func"], buf["std_zero"], buf["advantages"], self.reward.names,
+                               logged=getattr(self.reward, "last_logged", {}))
 
     # ---- optimiser -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
