@@ -157,10 +157,10 @@ def test_create_measures_drafts_writes_the_best_as_a_set_and_reports_the_rest(tm
     listed = run_cli("enigma_lightning.principles", "list", env={"ENIGMA_CONF": str(conf)})
     assert listed.returncode == 0 and "made_1" in listed.stdout and "high_si" in listed.stdout
     # the written set is one principles=<name> selects, in training as in si
+    import os
+
     from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
-
-    import os
 
     old = os.environ.get("ENIGMA_CONF")
     os.environ["ENIGMA_CONF"] = str(conf)

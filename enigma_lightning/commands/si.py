@@ -33,7 +33,6 @@ a table.
 from __future__ import annotations
 
 import csv
-import importlib.resources
 import json
 import math
 import time
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..losses.base import Layout
 from ..losses.sami import cell_scores, sami_rows
@@ -269,15 +268,6 @@ def _log_wandb(cfg: DictConfig, out_dir: Path, results: list[dict], samples: lis
     run.finish()
 
 
-def principle_set(name: str):
-    from hydra.utils import instantiate
-
-    path = importlib.resources.files("enigma_lightning.conf") / "principles" / f"{name}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"sets: no principle set {name!r} in conf/principles/")
-    return instantiate(OmegaConf.load(str(path)))
-
-
 def load_model(cfg: DictConfig):
     """(tokenizer, model in eval mode, prompt, sampling) of a command's config."""
     from hydra.utils import instantiate
@@ -297,7 +287,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sets = [principle_set(n) for n in cfg.sets] if cfg.get("sets") else [instantiate(cfg.principles)]
+    from ..data.principles import principle_set
+
+    sets = [principle_set(str(n)) for n in cfg.sets] if cfg.get("sets") else [instantiate(cfg.principles)]
     for ps in sets:
         if len(ps.all_variants()[: cfg.num_variants]) < 2:
             raise EnigmaError(f"principles={ps.name} has {len(ps.all_variants())} variant(s); SI needs at least 2 "
