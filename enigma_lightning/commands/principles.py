@@ -228,7 +228,7 @@ def create(cfg: DictConfig) -> dict[str, Any]:
     writer_tok, writer = tok, model
     if cfg.writer and cfg.candidates:
         spec = instantiate(cfg.model, name_or_path=cfg.writer)
-        writer_tok, writer = load_tokenizer(spec), load_policy(spec).eval()
+        writer_tok, writer = load_tokenizer(spec), load_policy(spec).eval().to(next(model.parameters()).device)
     t0 = time.perf_counter()
     drafts = draft(writer, writer_tok, source.text, cfg) + extra
     writing_s = time.perf_counter() - t0

@@ -269,14 +269,14 @@ def _log_wandb(cfg: DictConfig, out_dir: Path, results: list[dict], samples: lis
 
 
 def load_model(cfg: DictConfig):
-    """(tokenizer, model in eval mode, prompt, sampling) of a command's config."""
+    """(tokenizer, model in eval mode on the first GPU if there is one, prompt, sampling) of a command's config."""
     from hydra.utils import instantiate
 
     from ..models.loading import load_policy, load_tokenizer
 
     spec = instantiate(cfg.model)
     tok, model = load_tokenizer(spec), load_policy(spec)
-    model.eval()
+    model.eval().to("cuda" if torch.cuda.is_available() else "cpu")  # on the GPU where there is one
     return tok, model, instantiate(cfg.prompt), instantiate(cfg.rollout)
 
 
