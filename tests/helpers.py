@@ -10,8 +10,9 @@ def digit_reward(prompts, completions, **columns):
     return [float(sum(ch.isdigit() for ch in c)) for c in completions]
 
 
-def run_cli(module, *args, timeout=600):
-    """Run ``python -m <module> <args>`` in a subprocess, as a user would; returns the CompletedProcess."""
+def run_cli(module, *args, timeout=600, env=None):
+    """Run ``python -m <module> <args>`` in a subprocess, as a user would (``env``: variables to add); returns the
+    CompletedProcess."""
     import os
     import subprocess
     import sys
@@ -20,7 +21,7 @@ def run_cli(module, *args, timeout=600):
     # the tests folder on the path, so configs can name test helpers (helpers.length_reward) as targets
     path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": path})
+                          timeout=timeout, env={**os.environ, **(env or {}), "PYTHONPATH": path})
 
 
 def _wandb_log_records(data: bytes):

@@ -87,7 +87,7 @@ def test_tags_reach_wandb_and_must_be_a_list_of_words(make_cfg):
     assert any(p.startswith("tags must be a list") and "tags=[" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("command", ["si", "evaluate", "probe", "lm_eval"])
+@pytest.mark.parametrize("command", ["si", "evaluate", "probe", "lm_eval", "principles_create"])
 def test_experiment_presets_compose_in_every_command(command):
     from hydra import compose, initialize_config_module
 

