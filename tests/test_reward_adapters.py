@@ -17,12 +17,14 @@ THINK = "<think>\nadd them\n</think>\n19"
 SEEN: list[dict] = []  # what user_reward was called with, one entry per call
 
 
-def user_reward(prompts, completions, completion_ids, trainer_state, log_metric, target, **kwargs):
-    """A TRL user's reward: conversational completions, token ids, the trainer's state, a dataset column."""
+def user_reward(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, target, **kwargs):
+    """A TRL user's reward: conversational completions, token ids, the trainer's state, a dataset column; it reports a
+    scalar (log_metric) and a column with one value per completion (log_extra)."""
     SEEN.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids,
                  "step": trainer_state.global_step, "max_steps": trainer_state.max_steps, "target": target,
                  "kwargs": sorted(kwargs)})
     log_metric("ids_per_completion", sum(map(len, completion_ids)) / len(completion_ids))
+    log_extra("content_chars", [len(c[0]["content"]) for c in completions])
     return [float(len(c[0]["content"])) / 100 for c in completions]
 
 
@@ -115,3 +117,6 @@ def test_a_run_with_trl_and_verl_rewards(make_cfg, tmp_path):
                  "train/reward/mine/logged/ids_per_completion", "train/reward/score/logged/length", "train/entropy"):
         assert name in header, name
     assert json.loads((out / "summary.json").read_text())["final"]["train/entropy"] > 0
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {0, 1}
+    assert all(s["content_chars"] == len(s["completion"]) for s in samples)  # log_extra's column, row by row

@@ -79,8 +79,8 @@ TABLE: list[tuple[str, str]] = [
      "`principle_alignment`, `twonn_policy`, `twonn_reference`, `erank_policy`, `erank_reference`; see "
      "`python -m enigma_lightning.probe`), averaged over layers; per-layer values in `probes/step<N>/probe.json`"),
     ("probe/<measure>/last", "the same at the last layer"),
-    ("samples/completions", "W&B table of sample completions (prompt, completion, reward, target), every "
-     "`callbacks.samples.every_n_steps` steps and at the last step; also appended to `samples.jsonl`"),
+    ("samples/completions", "W&B table of sample completions (prompt, completion, reward, target, and the columns "
+     "reward functions pass to TRL's `log_extra`), every `callbacks.samples.every_n_steps` steps and at the last step; also appended to `samples.jsonl`"),
     ("reward", "progress bar only: `train/reward/mean`"),
     ("format", "progress bar only: `train/format/strict_rate`"),
 ]

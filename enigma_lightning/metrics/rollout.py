@@ -34,11 +34,14 @@ def rollout_metrics(ro, rewards: torch.Tensor, per_func: torch.Tensor, std_zero:
 
 
 def sample_rows(step: int, prompts: list[str], completions: list[str], rewards: list[float],
-                targets: list | None) -> list[dict]:
-    """One row per completion for ``samples.jsonl`` and the W&B samples table."""
+                targets: list | None, extra: dict[str, list] | None = None) -> list[dict]:
+    """One row per completion for ``samples.jsonl`` and the W&B samples table; ``extra``: the columns reward functions
+    passed to TRL's ``log_extra(column, values)`` (one value per completion; a column of another length is left out)."""
     targets = targets if targets is not None else [None] * len(completions)
-    return [{"step": step, "prompt": p, "completion": c, "reward": float(r), "target": t}
-            for p, c, r, t in zip(prompts, completions, rewards, targets, strict=True)]
+    columns = {k: list(v) for k, v in (extra or {}).items() if len(v) == len(completions)}
+    return [{"step": step, "prompt": p, "completion": c, "reward": float(r), "target": t,
+             **{k: v[i] for k, v in columns.items()}}
+            for i, (p, c, r, t) in enumerate(zip(prompts, completions, rewards, targets, strict=True))]
 
 
 def logprob_gap(policy_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

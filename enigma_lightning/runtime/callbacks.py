@@ -83,7 +83,7 @@ class CompletionSamples(L.Callback):
                 f.write(json.dumps(s) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                cols = ["step", "prompt", "completion", "reward", "target"]
+                cols = list(pl_module.last_samples[0])  # step, prompt, completion, reward, target, log_extra columns
                 logger.log_table("samples/completions", columns=cols,
                                  data=[[s[c] for c in cols] for s in pl_module.last_samples], step=trainer.global_step)
 

@@ -151,7 +151,8 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
                    rewards=total, reward_list=total.tolist(), per_func=per_func, std_zero=std_zero,
                    gen_time=gen_time, sync_time=sync_time, reward_time=reward_time, columns=columns,
                    prompts=rep_prompts, old_logps=None, ref_logps=None, ref_hidden={}, ref_time=0.0,
-                   layout=Layout(len(batch["source"]), self.num_variants, g))
+                   layout=Layout(len(batch["source"]), self.num_variants, g),
+                   extra=dict(getattr(self.reward, "last_extra", {})))  # TRL's log_extra columns
         with torch.no_grad():
             if self.group.num_iterations > 1:
                 buf["old_logps"] = self.forwards.forward(self.policy, ro, per_prompt=self.per_prompt, hidden=False)[0]
@@ -293,7 +294,7 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
     def _rollout_metrics(self, buf: dict[str, Any]) -> dict[str, Any]:
         ro, rewards = buf["ro"], buf["rewards"]
         self.last_samples = sample_rows(self.global_step, buf["prompts"], ro.completions, buf["reward_list"],
-                                        buf["columns"].get("target"))[: self.num_samples_kept]
+                                        buf["columns"].get("target"), buf.get("extra"))[: self.num_samples_kept]
         return rollout_metrics(ro, rewards, buf["per_func"], buf["std_zero"], buf["advantages"], self.reward.names,
                                logged=getattr(self.reward, "last_logged", {}))
 
