@@ -89,6 +89,7 @@ def test_si_command_reports_the_controls_and_writes_its_evidence(tmp_path):
 @pytest.mark.parametrize("raw, truncated, expected", [
     ("Principle: Use digits.\nAntithesis: Use words.", False, ("Use digits.", "Use words.", "")),
     ("Principle: Use digits.\nAntithesis: Use words.\n\nPrinciple: again", True, ("Use digits.", "Use words.", "")),
+    ("Principle: Use digits.\nAntithesis: Use words.\nsome chatter", True, ("Use digits.", "Use words.", "")),
     ("Principle: Use digits. Antithesis: Use words and", True,
      ("Use digits.", "Use words and", "unfinished: the writer stopped at writer_max_new_tokens mid-antithesis")),
     ("Principle: Use digits and nothing else", False,
@@ -133,7 +134,9 @@ def test_create_measures_drafts_writes_the_best_as_a_set_and_reports_the_rest(tm
                 "permutations=50", "wandb_mode=offline", f"hydra.run.dir={out}", env={"ENIGMA_CONF": str(conf)})
     assert r.returncode == 0, r.stderr[-3000:]
     cands = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
-    assert len(cands) == 6 and [c["origin"] == "writer" for c in cands] == [True, True, False, False, False, False]
+    assert len(cands) == 6 and [c["origin"].startswith("writer") for c in cands] == [True, True] + [False] * 4
+    for c in cands[:2]:  # a draft without an antithesis was asked for one in a second pass
+        assert "\nAntithesis:" in c["raw"] or c["origin"] == "writer", c
     by_text = {(c["text"], c["antithesis"], c["index"]): c for c in cands}
     assert by_text[("Answer in one sentence.", "", 3)]["reason"] == "empty antithesis"
     assert by_text[("Answer in one sentence.", "answer in ONE sentence", 4)]["reason"] == \

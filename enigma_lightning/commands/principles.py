@@ -68,12 +68,12 @@ def writer_prompt(tok, text: str) -> str:
 
 def parse_draft(raw: str, truncated: bool) -> tuple[str, str, str]:
     """(principle, antithesis, reason it is unusable or '') of a writer's answer ``Principle: ... Antithesis: ...``.
-    The antithesis ends at a blank line or where the writer starts another principle."""
+    The antithesis is the line after ``Antithesis:``."""
     m = re.match(rf"\s*{PREFILL}\s*(.*?)\s*(?:\n|^|\s)Antithesis:\s*(.*)", raw, re.S)
     if not m:
         return " ".join(raw.removeprefix(PREFILL).split()), "", "no antithesis (the draft has no 'Antithesis:' part)"
     text, rest = m.group(1), m.group(2)
-    ended = re.search(r"\n\s*\n|\n\s*Principle:", rest)
+    ended = re.search(r"\n", rest)  # one line, as in the worked example
     antithesis = rest[: ended.start()] if ended else rest
     text, antithesis = " ".join(text.split()), " ".join(antithesis.split())
     if truncated and not ended and not antithesis.endswith((".", "!", "?")):
@@ -134,7 +134,9 @@ def check_draft(d: Draft, earlier: list[Draft], source: str, count_tokens, max_t
 
 
 def draft(writer, writer_tok, source_text: str, cfg: DictConfig) -> list[Draft]:
-    """``cfg.candidates`` drafts sampled from the writer, each from its own seed (seed, index)."""
+    """``cfg.candidates`` drafts sampled from the writer, each from its own seed (seed, index). A draft that gives a
+    principle but stops before its antithesis (small writers often do) is asked for the antithesis of that principle
+    in a second pass (the answer so far, then ``Antithesis:``); its ``origin`` says so."""
     from ..rollout.hf import generate
     from ..rollout.sampling import SamplingConfig
 
@@ -144,13 +146,28 @@ def draft(writer, writer_tok, source_text: str, cfg: DictConfig) -> list[Draft]:
                               seed_per_prompt=True, reserve_cache=True, share_prompts=True)
     if not cfg.candidates:
         return []
-    ro = generate(writer, writer_tok, [writer_prompt(writer_tok, source_text)], cfg.candidates, sampling,
-                  prefill=PREFILL, seeds=[cfg.seed * 100_003 + i for i in range(cfg.candidates)])
+    prompt = writer_prompt(writer_tok, source_text)
+    ro = generate(writer, writer_tok, [prompt], cfg.candidates, sampling, prefill=PREFILL,
+                  seeds=[cfg.seed * 100_003 + i for i in range(cfg.candidates)])
     out = []
     for i, (raw, truncated) in enumerate(zip(ro.completions, ro.truncated.tolist(), strict=True)):
         text, antithesis, reason = parse_draft(raw, truncated)
         out.append(Draft(i, raw, text, antithesis, "rejected" if reason else "usable", reason))
+    retry = [d for d in out if d.reason.startswith("no antithesis") and _first_line(d.raw)]
+    if retry:
+        heads = [f"{PREFILL} {_first_line(d.raw)}\nAntithesis:" for d in retry]
+        again = generate(writer, writer_tok, [prompt + h.removeprefix(PREFILL) for h in heads], 1, sampling,
+                         seeds=[cfg.seed * 100_003 + 50_000 + d.index for d in retry])
+        for d, head, tail, truncated in zip(retry, heads, again.completions, again.truncated.tolist(), strict=True):
+            d.raw = head + tail
+            d.text, d.antithesis, d.reason = parse_draft(d.raw, truncated)
+            d.status, d.origin = "rejected" if d.reason else "usable", "writer (antithesis asked separately)"
     return out
+
+
+def _first_line(raw: str) -> str:
+    """The principle a draft starts with: its first line after ``Principle:``."""
+    return " ".join(raw.removeprefix(PREFILL).strip().split("\n", 1)[0].split())
 
 
 def _targets(cfg: DictConfig, source_name: str) -> tuple[Path, list[str]]:
