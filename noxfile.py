@@ -1,6 +1,7 @@
 """Sessions: `nox -s tests` (default), `nox -s lint`, `nox -s compat` (the tests on the oldest and the newest supported
 transformers), `nox -s vllm` (the tests of the vLLM rollout engine, on its CPU build), `nox -s train -- <overrides>`,
-`nox -s run -- <command> <overrides>` (evaluate, probe, si, report or dashboard, in the environment `train` uses).
+`nox -s run -- <command> <overrides>` (evaluate, probe, si, principles, report, claim or dashboard, in the environment
+`train` uses).
 
 Each session installs the project into its own virtualenv: torch first (2.13.0, the release we test against; pip
 takes the CPU build where one is on local disk), the project with its extras, then the pretrained weights that
