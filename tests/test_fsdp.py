@@ -1,7 +1,7 @@
 """FSDP2 (trainer=fsdp_cpu: two CPU processes, gloo) against the one-process run on the same global batch, in float64:
 the same sampled completions, losses and gradient norms; the exported policy/ loads with from_pretrained and equals
-the unsharded one; a run resumed from a sharded (DCP) checkpoint equals the uninterrupted one; LoRA and loss=full
-under FSDP (slow)."""
+the unsharded one; a run resumed from a sharded (DCP) checkpoint, or stopped by SIGTERM and started again, equals
+the uninterrupted one; loss=full (OT's cloud gathered over ranks) under DDP and FSDP; LoRA under FSDP (slow)."""
 
 import csv
 import json
@@ -84,6 +84,18 @@ def test_fsdp_two_processes_equal_one_process_export_and_resume(tmp_path, tiny_d
     assert len(c) == 1 and all(c[0][k] == b[1][k] for k in KEYS), (c, b[1])
     wc = _weights(resumed / "policy")
     assert all(torch.equal(wc[k], wb[k]) for k in wb)
+    # a scheduler's SIGTERM to both ranks after step 1: exit 143 with a sharded interrupted.ckpt; the same command
+    # again resumes from it (resume=auto) and finishes as the uninterrupted run did
+    stopped = tmp_path / "stopped"
+    again = ["trainer=fsdp_cpu", "data.batch_size=8", "+callbacks.term._target_=helpers.sigterm_at",
+             "+callbacks.term.at_step=1", "allowed_targets=[helpers]"]
+    r = run_cli("enigma_lightning.train", *COMMON, *again, f"hydra.run.dir={stopped}")
+    assert r.returncode == 143 and "stopped by SIGTERM" in r.stderr, r.stderr[-3000:]
+    assert (stopped / "checkpoints" / "interrupted.ckpt").is_dir() and len(_rows(stopped)) == 1
+    d = _train(stopped, *again)
+    assert all(d[1][k] == b[1][k] for k in KEYS), (d, b)
+    wd = _weights(stopped / "policy")
+    assert all(torch.equal(wd[k], wb[k]) for k in wb)
 
 
 @pytest.mark.slow
@@ -102,18 +114,22 @@ def test_fsdp_lora_equals_one_process(tmp_path):
     assert not (two / "policy" / "model.safetensors").exists()  # the adapter only, as without FSDP
 
 
-@pytest.mark.slow
-def test_fsdp_full_loss_equals_ddp(tmp_path):
-    """loss=full: OT's Sinkhorn cloud is each rank's own completions (under DDP too), so two processes are compared
-    with two DDP processes on the same split. OT solves in float32: its rounding bounds the agreement (1e-5)."""
-    full = ["loss=full", "step.num_generations=4", "data.batch_size=8"]
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    a = _train(ddp, *full, "trainer=ddp_cpu")
-    b = _train(fsdp, *full, "trainer=fsdp_cpu")
-    _same_rows(a, b, keys=(*KEYS, "train/sami/loss", "train/ot/divergence"), rel=1e-5)
-    assert float(a[1]["train/ot/divergence"]) != 0.0 and float(a[0]["train/sami/loss"]) != 0.0  # step 0: policy = ref
-    wa, wb = _weights(ddp / "policy"), _weights(fsdp / "policy")
+def test_full_loss_on_two_processes_equals_one_process(tmp_path):
+    """loss=full (GRPO + SAMI + OT): OT's Sinkhorn cloud is the global batch's on any number of ranks, so DDP and
+    FSDP (this one micro-batched too) reproduce the one-process step. OT solves in float32: its rounding bounds the
+    agreement (1e-5)."""
+    full = ["loss=full", "step.num_generations=4"]
+    one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
+    a = _train(one, *full, "data.batch_size=16")
+    b = _train(ddp, *full, "trainer=ddp_cpu", "data.batch_size=8")
+    c = _train(fsdp, *full, "trainer=fsdp_cpu", "data.batch_size=8", "step.micro_batch_size=4")
+    keys = (*KEYS, "train/sami/loss", "train/ot/divergence", "train/ot/points")
+    _same_rows(a, b, keys=keys, rel=1e-5)
+    _same_rows(a, c, keys=keys, rel=1e-5)
+    assert float(a[1]["train/ot/divergence"]) > 0.0 and float(a[0]["train/sami/loss"]) != 0.0  # step 0: policy = ref
+    wa, wb, wc = _weights(one / "policy"), _weights(ddp / "policy"), _weights(fsdp / "policy")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    assert max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-6
 
 
 def test_shard_takes_the_blocks_from_no_split_modules_and_reshards_the_frozen_root(tiny_dir, tmp_path):

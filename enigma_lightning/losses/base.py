@@ -121,6 +121,10 @@ class StepBatch:
     sampling_logps: Tensor | None = None  # [B, T] the rollout engine's log-probs of its samples (None: the policy's
     #                                       own generate sampled; rollout/engine=vllm sets them)
     sampling_exact: bool = True  # the engine computes in the policy's precision (its log-probs are the policy's)
+    gather: Callable[[Tensor], Tensor] | None = None  # [N_r, ...] -> every rank's rows in rank order (the one-process
+    #   order), its gradient flowing back to this rank's rows and scaled so that the ranks' averaged gradients are the
+    #   one-process gradient; None on one process. A term coupling all completions of the step (OT) calls it on every
+    #   rank, every step
 
     def replace(self, **changes) -> StepBatch:
         return replace(self, **changes)

@@ -9,7 +9,9 @@ hidden states (``pooling=token``) or one mean per completion (``pooling=mean``) 
 last); they are L2-normalised by default (``normalize=l2``: a cost in [0, 2] on which ``epsilon`` has a fixed
 meaning whatever the model's hidden size), or standardised per dimension with the reference's statistics, or left
 as they are; at most ``max_points`` per cloud are kept, with the same seeded subset for both clouds (the points are
-paired tokens). The solver runs in float32 outside autocast and the caller's grad mode is restored after every call
+paired tokens). On several ranks (DDP, FSDP) the clouds are the global batch's, gathered in the one-process order
+(``StepBatch.gather``): the divergence, its subsample and its gradient are the one-process step's, whatever the
+number of processes. The solver runs in float32 outside autocast and the caller's grad mode is restored after every call
 (geomloss turns autograd back on). Degenerate clouds: no points (every completion masked) give 0 and
 ``degenerate = 1``; one point or identical points are valid inputs with a finite result. Gradients reach the
 policy only: the reference's hidden states come from a no-grad forward.
@@ -107,6 +109,8 @@ class OTLoss(LossTerm):
         for layer in self.layers:
             x = completion_points(hidden[layer], mask, self.pooling)
             y = completion_points(ref_hidden[layer].detach(), mask, self.pooling)
+            if batch.gather is not None:  # several ranks: one cloud of the global batch, as on one process
+                x, y = batch.gather(x), batch.gather(y)
             if x.size(0) == 0:
                 continue
             idx = self._subsample(x.size(0), step, x.device)

@@ -35,7 +35,7 @@ from ..rewards import RewardModel, token_lists, trainer_state
 from ..rollout.hf import HFEngine
 from ..rollout.sampling import SamplingConfig, row_seeds
 from .checkpoint import FROZEN_PREFIXES, restore_frozen, strip_frozen
-from .distributed import is_distributed, is_sharded, tokens_per_rank, uses_fsdp2
+from .distributed import gather_rows, is_distributed, is_sharded, tokens_per_rank, uses_fsdp2
 from .forwards import StepForwards, objective
 from .group import GroupConfig
 from .microbatch import cached_forwards, replay
@@ -282,7 +282,8 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
                          principle_embeddings=self.principle_embeddings if self.needs.principle_embeddings else None,
                          scored=scored, num_items_in_batch=self._tokens_per_rank(buf["mask"]),
                          max_completion_length=self.sampling.max_new_tokens, step=self.global_step,
-                         sampling_logps=ro.sampling_logps, sampling_exact=ro.exact_logps)
+                         sampling_logps=ro.sampling_logps, sampling_exact=ro.exact_logps,
+                         gather=gather_rows if self._distributed else None)
         forward = partial(self.forwards.forward, self.policy, ro, per_prompt=self.per_prompt)
         for name, term in self.terms.items():
             t0 = self._clock()
