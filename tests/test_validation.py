@@ -177,3 +177,39 @@ def test_encoder_critic_pools_a_truncated_completion_over_its_tokens():
     masked = term.matrices(batch(loss_mask))
     torch.manual_seed(1)
     assert torch.allclose(masked, term.matrices(batch(tokens)))
+
+
+# ---- hidden-state layers: checked before loading when the layer count is on disk, after loading otherwise --------
+def test_layers_of_a_hub_id_are_checked_from_the_local_hub_cache(make_cfg, tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub.constants
+
+    snap = tmp_path / "models--org--some-model" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+    (tmp_path / "models--org--some-model" / "refs").mkdir()
+    (tmp_path / "models--org--some-model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    text = "\n".join(config_problems(make_cfg("model=hf", "model.name_or_path=org/some-model", "loss=[grpo,ot]",
+                                              "ot.layers=[-1,7]")))
+    assert "ot.layers=[-1, 7] names layers [7] that do not exist: the policy has 5 hidden states" in text, text
+    assert config_problems(make_cfg("model=hf", "model.name_or_path=org/some-model", "loss=[grpo,ot]",
+                                    "ot.layers=[-5,4]")) == []
+
+
+def test_layers_unknown_before_loading_are_checked_once_the_policy_has_loaded():
+    from transformers import LlamaConfig
+
+    from enigma_lightning.losses.base import check_layers
+    from enigma_lightning.losses.ot import OTLoss
+
+    def ot(layers):
+        return OTLoss(weight=1.0, epsilon=0.05, p=2, scaling=0.9, debias=True, layers=layers, pooling="token",
+                      normalize="l2", max_points=64, backend="tensorized", seed=0)
+
+    config = LlamaConfig(num_hidden_layers=2)
+    check_layers({"ot": ot([-3, 0, 2])}, config, "org/model")  # 3 hidden states: all exist
+    with pytest.raises(ValueError, match=r"ot\.\* asks for hidden-state layers \[-4, 3\], which org/model does not "
+                                         r"have: it has 3 hidden states \(0 = embeddings \.\. 2, or -3 \.\. -1\)"):
+        check_layers({"ot": ot([3, -1, -4])}, config, "org/model")

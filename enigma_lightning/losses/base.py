@@ -154,3 +154,20 @@ class LossTerm(nn.Module):
 
     def forward(self, batch: StepBatch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+
+def check_layers(terms: dict[str, LossTerm], config, model: str) -> None:
+    """Every hidden-state layer a term asks for exists in the loaded policy (``config``: its transformers config);
+    otherwise a ValueError naming the term's settings and the range. Runs once the policy is loaded, for models
+    whose layer count the configuration check could not know beforehand (a hub id not in the local cache)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    if not isinstance(n, int):
+        return
+    for name, term in terms.items():
+        needs = term.needs()
+        bad = sorted({x for x in (*needs.hidden_layers, *needs.reference_hidden_layers) if not -(n + 1) <= x <= n})
+        if bad:
+            raise ValueError(f"{name}.* asks for hidden-state layers {bad}, which {model} does not have: it has "
+                             f"{n + 1} hidden states (0 = embeddings .. {n}, or -{n + 1} .. -1). Set {name}'s layer "
+                             "setting within that range (-1 = the last layer)")

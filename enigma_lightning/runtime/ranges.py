@@ -184,8 +184,24 @@ def _active(cfg: DictConfig, when: str | None, terms: list[str]) -> bool:
     return bool(OmegaConf.select(cfg, when, default=None))
 
 
+def _hub_config(name: str, revision: str | None):
+    """A hub id's config.json in the local hub cache (never downloads), or None."""
+    from pathlib import Path
+
+    if not name or name.startswith(("embedded:", "tiny:", "/", ".", "~")) or name.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=revision or None)
+    except Exception:  # not a valid repo id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def num_layers(cfg: DictConfig) -> int | None:
-    """The policy's decoder layers when they are known before it loads (tiny, a local folder, a known preset)."""
+    """The policy's decoder layers when they are known before it loads (tiny, a local folder, a known preset, a hub
+    id whose config is in the local hub cache); otherwise the step checks them once the policy has loaded."""
     import json
     from pathlib import Path
 
@@ -195,6 +211,8 @@ def num_layers(cfg: DictConfig) -> int | None:
     if name in KNOWN_LAYERS:
         return KNOWN_LAYERS[name]
     config = Path(name).expanduser() / "config.json"
+    if name and not config.is_file():
+        config = _hub_config(name, OmegaConf.select(cfg, "model.revision", default=None)) or config
     if name and config.is_file():
         data = json.loads(config.read_text())
         n = data.get("num_hidden_layers", data.get("text_config", {}).get("num_hidden_layers"))

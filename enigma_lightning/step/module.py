@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.principles import PrincipleSet
 from ..data.prompts import PromptTemplate
-from ..losses.base import Layout, LossTerm, Needs, StepBatch
+from ..losses.base import Layout, LossTerm, Needs, StepBatch, check_layers
 from ..metrics.rollout import logprob_gap, rollout_metrics, sample_rows
 from ..models.encoder import PrincipleEncoder
 from ..models.loading import ModelSpec, apply_lora, frozen_copy, load_policy, load_tokenizer
@@ -80,6 +80,7 @@ class EnigmaModule(GreedyValidation, L.LightningModule):
         # each question's G completions are generated under K principle variants (G = K * m) when a term asks
         self.num_variants = self.needs.num_variants
         self.variants = principles.all_variants()[: self.num_variants] if self.num_variants > 1 else [principles.text]
+        check_layers(self.terms, policy.config, model.name_or_path)
         for term in self.terms.values():
             term.setup(hidden_size=policy.config.hidden_size, encoder_dim=encoder.dim if encoder is not None else None)
         if self.needs.principle_embeddings and encoder is None:
