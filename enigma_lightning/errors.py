@@ -16,5 +16,9 @@ class ConfigError(EnigmaError):
         super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
 
 
+class RunFolderMismatch(ConfigError):
+    """A run folder trained with other values than the command's: neither resumed nor skipped, and left as it is."""
+
+
 class DataError(EnigmaError):
     """Bad rows or files in a dataset, reported with their indices."""

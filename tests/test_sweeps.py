@@ -1,5 +1,5 @@
-"""Sweeps: a failing job does not stop the others and is reported; re-running a sweep skips finished jobs;
-launcher and trainer presets compose; the report on hand-made sweep folders."""
+"""Sweeps: a failing job does not stop the others and is reported; re-running a sweep skips finished jobs and refuses
+(without touching) jobs trained with other values; launcher and trainer presets compose; the report on hand-made sweep folders."""
 
 import csv
 import json
@@ -29,6 +29,26 @@ def test_failed_job_is_reported_and_a_rerun_skips_finished_jobs(tmp_path):
     again = run_cli("enigma_lightning.train", *args)
     assert "already finished; skipped" in again.stdout + again.stderr
     assert (sweep / "0" / "summary.json").stat().st_mtime == mtime  # not retrained
+
+    # the same sweep with another value: job 0's folder was trained with grpo.beta=0, so it is refused, named, and
+    # left as it is (its summary, its recorded values); the report lists it as refused and the sweep fails
+    files = {p: p.read_bytes() for p in (sweep / "0").rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    changed = run_cli("enigma_lightning.train", *args, "grpo.beta=0.04")
+    assert changed.returncode != 0 and "2 of 2 jobs did not finish" in changed.stderr, changed.stderr[-3000:]
+    assert "was trained with other values" in changed.stdout + changed.stderr
+    after = {p: p.read_bytes() for p in (sweep / "0").rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    assert set(after) - set(files) <= {sweep / "0" / "refused.txt", sweep / "0" / "train.log"}
+    assert all(after[p] == files[p] for p in files if p.name not in ("train.log", ".lock")), "the folder changed"
+    assert "grpo.beta: 0.0 there, 0.04 now" in (sweep / "0" / "refused.txt").read_text()
+    with open(sweep / "report.csv") as f:
+        rows = {row["job"]: row for row in csv.DictReader(f)}
+    assert rows["0"]["status"] == "refused" and "grpo.beta: 0.0 there, 0.04 now" in rows["0"]["error"]
+    assert rows["0"]["step.num_generations"] == "4"
+    # the original values again: the job is skipped as finished, and no longer reported as refused
+    run_cli("enigma_lightning.train", *args)
+    assert not (sweep / "0" / "refused.txt").exists()
+    with open(sweep / "report.csv") as f:
+        assert {row["job"]: row for row in csv.DictReader(f)}["0"]["status"] == "finished"
 
 
 def _job(sweep, num, overrides, summary=None, error=None, metrics=None, principles="default"):

@@ -45,7 +45,7 @@ from hydra.experimental.callback import Callback
 
 from ..metrics.names import metric
 from ..metrics.stats import bootstrap_rho, ranks, spearman  # noqa: F401 (ranks: the report's ranking, also tested here)
-from .report import collect, job_dirs, load_si_rows
+from .report import collect, job_dirs, load_si_rows, task_overrides
 
 REWARD, FORMAT = metric("train/reward/mean"), metric("train/format/strict_rate")
 KL, OT = metric("train/grpo/kl"), metric("train/ot/divergence")
@@ -144,8 +144,7 @@ def jobs(sweep: Path) -> list[dict[str, Any]]:
         cfg = (yaml.safe_load((d / "config.yaml").read_text()) or {}) if (d / "config.yaml").exists() else {}
         ov = row["overrides"]
         if not ov:  # the swept keys are unknown: every override of the job
-            ov_file = d / ".hydra" / "overrides.yaml"
-            for o in (yaml.safe_load(ov_file.read_text()) or []) if ov_file.exists() else []:
+            for o in task_overrides(d):
                 key, _, value = str(o).partition("=")
                 ov[key.lstrip("+~")] = value
         job = {"job": row["job"], "set": ov.get("principles") or row.get("principle_set"),

@@ -3,8 +3,9 @@
     python -m enigma_lightning.report multirun/<date>/<time> [--si si_table.csv] [--out <folder>]
 
 For every job folder of the sweep: its swept values (from the sweep's ``multirun.yaml``; when that is missing, the
-overrides whose values differ across jobs), its status (``finished``, ``failed: <error>`` with the first line of ``error.txt``, or ``incomplete`` for
-a job that never wrote a summary), and its final metrics from ``summary.json``. Writes in the sweep folder (or
+overrides whose values differ across jobs, as the job recorded them when it trained), its status (``finished``,
+``failed: <error>`` with the last line of ``error.txt``, ``refused`` when this sweep's re-run found the folder trained
+with other values (``refused.txt``), or ``incomplete`` for a job that never wrote a summary), and its final metrics from ``summary.json``. Writes in the sweep folder (or
 ``--out``):
 
 - ``report.md`` and ``report.csv``: one row per job;
@@ -74,15 +75,27 @@ def job_dirs(sweep: Path) -> list[Path]:
     return sorted(found, key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name))
 
 
+def task_overrides(job: Path) -> list[str]:
+    """The command-line overrides a job folder was trained with: from its ``sweep.json`` (written once the run's
+    values are checked against the folder's), else Hydra's ``.hydra/overrides.yaml`` (which Hydra rewrites on every
+    launch, a refused one too)."""
+    info = job / "sweep.json"
+    if info.exists():
+        recorded = json.loads(info.read_text()).get("task_overrides")
+        if isinstance(recorded, list):
+            return [str(o) for o in recorded]
+    ov_file = job / ".hydra" / "overrides.yaml"
+    return [str(o) for o in (yaml.safe_load(ov_file.read_text()) or [])] if ov_file.exists() else []
+
+
 def collect(sweep: Path) -> list[dict[str, Any]]:
-    from ..runtime.sweeps import swept_keys
+    from ..runtime.sweeps import REFUSED, swept_keys
 
     swept = swept_keys(sweep)
     rows = []
     for d in job_dirs(sweep):
         overrides = {}
-        ov_file = d / ".hydra" / "overrides.yaml"
-        for o in (yaml.safe_load(ov_file.read_text()) or []) if ov_file.exists() else []:
+        for o in task_overrides(d):
             key, _, value = str(o).partition("=")
             key = key.lstrip("+~")
             if not swept or key in swept:
@@ -90,7 +103,11 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
         summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {}
         status = summary.get("status", "incomplete")
         error = ""
-        if (d / "error.txt").exists():
+        if (d / REFUSED).exists():  # this sweep's re-run was refused: the folder holds a run with other values
+            status = "refused"
+            lines = [x for x in (d / REFUSED).read_text().splitlines() if x.strip()]
+            error = lines[-1].strip(" -") if lines else ""
+        elif (d / "error.txt").exists():
             lines = [x for x in (d / "error.txt").read_text().splitlines() if x.strip()]
             error = lines[-1] if lines else ""
         elif status.startswith("failed"):

@@ -64,7 +64,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
         run_lock,
     )
     from ..runtime.loggers import one_console_handler
-    from ..runtime.sweeps import hydra_info, plan, single_job_argv
+    from ..runtime.sweeps import REFUSED, hydra_info, plan, single_job_argv
 
     one_console_handler()
     summary_path = out / "summary.json"
@@ -79,6 +79,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
             with run_lock(out):
                 return _run_locked(cfg, out)
         check_config_matches(cfg, out)
+    (out / REFUSED).unlink(missing_ok=True)  # a re-run refused earlier; this one matches the folder
     if action == "skip":
         summary = json.loads(summary_path.read_text())
         print(f"{out}: already {summary['status']}; skipped (resume=never retrains)")
@@ -129,7 +130,8 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
 def task(cfg: DictConfig) -> float | dict[str, Any]:
     """One job: train, and return the run summary, or, with ``optimized_metric`` set, that metric's final value
     (what Hydra's sweepers, e.g. Optuna, minimise or maximise; NaN for a failed job)."""
-    from ..runtime.sweeps import hydra_info, record_failure
+    from ..errors import RunFolderMismatch
+    from ..runtime.sweeps import hydra_info, record_failure, record_refusal
 
     if hydra_info() is None:
         with exit_on_user_error():
@@ -139,6 +141,10 @@ def task(cfg: DictConfig) -> float | dict[str, Any]:
         # summary.json) for the report, and the sweep goes on; the sweep's exit status says a job failed.
         try:
             summary = run(cfg)
+        except RunFolderMismatch as e:  # the folder holds a run with other values: it stays as it is
+            log.error("job refused: %s", e)
+            record_refusal(Path(cfg.paths.output_dir), e)
+            summary = {"status": f"refused: {e}"}
         except Exception as e:
             log.exception("job failed: %s", e)
             record_failure(Path(cfg.paths.output_dir), e)

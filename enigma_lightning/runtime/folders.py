@@ -12,7 +12,7 @@ from typing import Any
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError, EnigmaError
+from ..errors import EnigmaError, RunFolderMismatch
 
 # keys that may differ between a run folder and a re-run into it: how the run is driven, not what it trains
 IGNORED = ("ckpt_path", "resume", "rerun_failed", "on_config_change", "cpu_malloc", "allowed_targets", "paths.",
@@ -94,7 +94,7 @@ def check_config_matches(cfg: DictConfig, out: Path) -> None:
         return
     diffs = config_differences(OmegaConf.load(path), cfg)
     if diffs:
-        raise ConfigError([f"run folder {out} was trained with other values, so it is neither resumed nor skipped: "
+        raise RunFolderMismatch([f"run folder {out} was trained with other values, so it is neither resumed nor skipped: "
                            + "; ".join(diffs[:12]) + (f"; ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
                            + ". Re-run with the folder's values, train into another folder (hydra.run.dir=...), or "
                            "set on_config_change=new to train in a new folder next to it"])

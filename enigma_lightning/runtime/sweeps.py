@@ -4,7 +4,10 @@ Re-running a sweep into the same folder (``hydra.sweep.dir=multirun/<date>/<time
 default): Hydra numbers jobs by their position in the sweep, so job ``<n>`` finds its own folder again; a job whose
 ``summary.json`` says ``finished`` is skipped (its summary is returned as it is), a job with a checkpoint
 (``checkpoints/interrupted.ckpt`` or ``checkpoints/last.ckpt``, the newer one) resumes from it, any other job
-starts afresh. ``resume=never`` retrains every job; ``rerun_failed=false`` leaves failed jobs failed.
+starts afresh. ``resume=never`` retrains every job; ``rerun_failed=false`` leaves failed jobs failed. A job whose
+folder was trained with other values is refused (``on_config_change=refuse``): its folder keeps its run, summary and
+recorded values (``sweep.json``), and only ``refused.txt`` says why this sweep did not train it; the sweep report
+lists it as refused and the sweep exits with an error.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from omegaconf import DictConfig
 
 RESUME_MODES = ("auto", "never")
 CONFIG_CHANGE_MODES = ("refuse", "new")
+REFUSED = "refused.txt"  # in a job folder: the last re-run of the sweep was refused (values differ), and why
 
 
 def hydra_info() -> dict[str, Any] | None:
@@ -41,7 +45,7 @@ def hydra_info() -> dict[str, Any] | None:
         if key in swept:
             overrides[key] = _typed(value)
     return {"sweep": "/".join(sweep_dir.parts[-2:]), "sweep_dir": str(sweep_dir), "job": hc.job.num,
-            "overrides": overrides}
+            "overrides": overrides, "task_overrides": list(hc.overrides.task)}
 
 
 def _typed(value: str):
@@ -115,6 +119,13 @@ def record_failure(out: Path, exc: BaseException) -> None:
         data = json.loads(summary.read_text()) if summary.exists() else {}
         data["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         atomic_write_text(summary, json.dumps(data, indent=2, sort_keys=True))
+
+
+def record_refusal(out: Path, exc: BaseException) -> None:
+    """``refused.txt``: why a re-run did not train in this folder; nothing else in the folder changes."""
+    from .folders import atomic_write_text
+
+    atomic_write_text(out / REFUSED, f"{exc}\n")
 
 
 def plan(cfg: DictConfig, out: Path) -> tuple[str, str | None]:
