@@ -83,3 +83,21 @@ def test_failed_restore_changes_nothing_and_sigterm_exits_143(tmp_path):
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "wandb" not in p.parts}
     changed = [p for p in files if after.get(p) != files[p] and p.name not in ("train.log", ".lock")]
     assert not changed and set(after) - set(files) <= {out / "train.log", out / "error.txt"}, changed
+
+
+def test_folder_written_before_a_setting_existed_resumes_unless_the_setting_is_given(tmp_path):
+    """A run folder from an older version lacks settings added since: they take their current values (named on
+    stderr) and the folder is skipped or resumed as usual; setting one of them on the command line is a difference."""
+    out = tmp_path / "run"
+    args = [*QUICK, "trainer.max_steps=1", f"hydra.run.dir={out}"]
+    r = run_cli("enigma_lightning.train", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = OmegaConf.load(out / "config.yaml")
+    del cfg.rollout["long_prompts"]  # as written before rollout.long_prompts existed
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    r = run_cli("enigma_lightning.train", *args)
+    assert r.returncode == 0 and "already finished; skipped" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "was written before these settings existed; they take their current values: " \
+           "rollout.long_prompts='left'" in r.stderr
+    r = run_cli("enigma_lightning.train", *args, "rollout.long_prompts=error")
+    assert r.returncode != 0 and "rollout.long_prompts: '<unset>' there, 'error' now" in r.stderr, r.stderr[-2000:]

@@ -11,8 +11,8 @@ meaning whatever the model's hidden size), or standardised per dimension with th
 as they are; at most ``max_points`` per cloud are kept, with the same seeded subset for both clouds (the points are
 paired tokens). On several ranks (DDP, FSDP) the clouds are the global batch's, gathered in the one-process order
 (``StepBatch.gather``): the divergence, its subsample and its gradient are the one-process step's, whatever the
-number of processes. The solver runs in float32 outside autocast and the caller's grad mode is restored after every call
-(geomloss turns autograd back on). Degenerate clouds: no points (every completion masked) give 0 and
+number of processes. The solver runs in float32 outside autocast and the caller's grad mode is restored after every
+call (geomloss turns autograd back on). Degenerate clouds: no points (every completion masked) give 0 and
 ``degenerate = 1``; one point or identical points are valid inputs with a finite result. Gradients reach the
 policy only: the reference's hidden states come from a no-grad forward.
 """

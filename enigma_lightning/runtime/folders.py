@@ -70,13 +70,43 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def config_differences(folder_cfg: DictConfig, cfg: DictConfig) -> list[str]:
-    """``key: <folder's value> there, <value> now`` for every training setting that differs."""
+def _command_line_keys() -> set[str] | None:
+    """The keys set on this command line (Hydra's task overrides, ``+``/``~`` stripped); None outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except (ImportError, ValueError):
+        return None
+    return {str(o).partition("=")[0].lstrip("+~") for o in task}
+
+
+def _compare(folder_cfg: DictConfig, cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """(differences, settings added since the folder was written). A setting the folder's config.yaml lacks is
+    "added" (it takes its current value, the behaviour the older run had when the setting was introduced with a
+    default that keeps it) unless it is set on this command line, or a setting above it is (``loss=full`` adds
+    ``loss.sami``): then it is a difference."""
     old = _flat(OmegaConf.to_container(folder_cfg, resolve=False))
     new = _flat(OmegaConf.to_container(cfg, resolve=True))
     keys = sorted(k for k in set(old) | set(new) if not k.startswith(IGNORED) and k not in IGNORED)
-    return [f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} now" for k in keys
-            if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    given = _command_line_keys()
+    diffs, added = [], []
+    for k in keys:
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if a == b:
+            continue
+        explicit = given is None or any(k == g or k.startswith(g + ".") for g in given)
+        if k not in old and not explicit:
+            added.append(f"{k}={b!r}")
+        else:
+            diffs.append(f"{k}: {a!r} there, {b!r} now")
+    return diffs, added
+
+
+def config_differences(folder_cfg: DictConfig, cfg: DictConfig) -> list[str]:
+    """``key: <folder's value> there, <value> now`` for every training setting that differs (settings added since
+    the folder was written and not set on the command line excepted: :func:`_compare`)."""
+    return _compare(folder_cfg, cfg)[0]
 
 
 def new_folder(out: Path) -> Path:
@@ -92,7 +122,13 @@ def check_config_matches(cfg: DictConfig, out: Path) -> None:
     path = out / "config.yaml"
     if not path.is_file():
         return
-    diffs = config_differences(OmegaConf.load(path), cfg)
+    diffs, added = _compare(OmegaConf.load(path), cfg)
+    if added and not diffs:
+        import sys
+
+        print(f"run folder {out} was written before these settings existed; they take their current values: "
+              + ", ".join(added[:12]) + (f", ... and {len(added) - 12} more" if len(added) > 12 else ""),
+              file=sys.stderr)
     if diffs:
         raise RunFolderMismatch([f"run folder {out} was trained with other values, so it is neither resumed nor skipped: "
                            + "; ".join(diffs[:12]) + (f"; ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")

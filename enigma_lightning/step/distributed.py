@@ -3,8 +3,8 @@
 Each prompt's G completions are generated, rewarded and normalised on one rank (the data module gives every rank
 whole prompts), so group advantages need no communication. What does: a global token count (dapo's normaliser, when a
 term asks for it), the terms that couple every completion of the step (OT's Sinkhorn cloud: :func:`gather_rows`) and
-the logged metrics (means over ranks). Under FSDP every forward is collective, so generation
-keeps ranks in step and every prompt runs whole.
+the logged metrics (means over ranks). Under FSDP every forward is collective, so generation keeps ranks in step and
+every prompt runs whole.
 """
 
 from __future__ import annotations
