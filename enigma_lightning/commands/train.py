@@ -63,6 +63,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
         new_folder,
         run_lock,
     )
+    from ..runtime.guard import SignalStop
     from ..runtime.loggers import one_console_handler
     from ..runtime.sweeps import REFUSED, hydra_info, plan, single_job_argv
 
@@ -100,6 +101,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     module = build_module(cfg)
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v]
     callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v]
+    callbacks.append(SignalStop())  # SIGTERM: every rank stops between the same two steps (runtime/guard.py)
     from ..runtime.folders import AtomicCheckpointIO
 
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(out),

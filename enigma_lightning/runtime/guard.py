@@ -1,6 +1,6 @@
-"""A step whose loss, gradients or rewards are not finite is never applied (:class:`NonFiniteGuard`), and a
-checkpoint is never written from non-finite weights or from a run that made no progress
-(:class:`ExceptionCheckpoint`)."""
+"""A step whose loss, gradients or rewards are not finite is never applied (:class:`NonFiniteGuard`), a checkpoint
+is never written from non-finite weights or from a run that made no progress (:class:`ExceptionCheckpoint`), and a
+SIGTERM stops every rank between the same two steps (:class:`SignalStop`)."""
 
 from __future__ import annotations
 
@@ -121,3 +121,49 @@ class ExceptionCheckpoint(OnExceptionCheckpoint):
             log.warning("the weights are not finite: %s not written; the last kept checkpoint stands", self.ckpt_path)
             return
         super().on_exception(trainer, pl_module, exception)
+
+
+class SignalStop(L.Callback):
+    """SIGTERM (a scheduler stopping or preempting the job, ``kill``) stops the run between two steps, on every rank
+    at the same step: ``checkpoints/interrupted.ckpt`` is written and the command exits 143.
+
+    The handler only records the signal. At the start of each training batch the ranks agree on it (any rank's
+    signal counts: one all-reduce of a flag per step), and all of them raise Lightning's ``SIGTERMException``
+    there. It replaces Lightning's own SIGTERM handler, which runs a collective inside the signal handler: with
+    several processes that collective lands between unrelated ones (a rank signalled twice, by the scheduler and by
+    rank 0 forwarding it, runs it twice) and the process group fails instead of checkpointing."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.received = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        self.received = False
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            log.warning("SIGTERM received: stopping before step %d", trainer.global_step)
+            raise SIGTERMException
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
