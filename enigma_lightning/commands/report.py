@@ -5,8 +5,8 @@
 For every job folder of the sweep: its swept values (from the sweep's ``multirun.yaml``; when that is missing, the
 overrides whose values differ across jobs, as the job recorded them when it trained), its status (``finished``,
 ``failed: <error>`` with the last line of ``error.txt``, ``refused`` when this sweep's re-run found the folder trained
-with other values (``refused.txt``), or ``incomplete`` for a job that never wrote a summary), and its final metrics from ``summary.json``. Writes in the sweep folder (or
-``--out``):
+with other values (``refused.txt``), or ``incomplete`` for a job that never wrote a summary), and its final metrics
+from ``summary.json``. Writes in the sweep folder (or ``--out``):
 
 - ``report.md`` and ``report.csv``: one row per job;
 - ``curves.png``: reward and strict-format rate per step, one line per job (from ``metrics.csv``; jobs with identical

@@ -130,10 +130,11 @@ def check_config_matches(cfg: DictConfig, out: Path) -> None:
               + ", ".join(added[:12]) + (f", ... and {len(added) - 12} more" if len(added) > 12 else ""),
               file=sys.stderr)
     if diffs:
-        raise RunFolderMismatch([f"run folder {out} was trained with other values, so it is neither resumed nor skipped: "
-                           + "; ".join(diffs[:12]) + (f"; ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
-                           + ". Re-run with the folder's values, train into another folder (hydra.run.dir=...), or "
-                           "set on_config_change=new to train in a new folder next to it"])
+        listed = "; ".join(diffs[:12]) + (f"; ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+        raise RunFolderMismatch([f"run folder {out} was trained with other values, so it is neither resumed nor "
+                                 f"skipped: {listed}. Re-run with the folder's values, train into another folder "
+                                 "(hydra.run.dir=...), or set on_config_change=new to train in a new folder next to "
+                                 "it"])
 
 
 

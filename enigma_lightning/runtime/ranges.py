@@ -184,11 +184,11 @@ def _active(cfg: DictConfig, when: str | None, terms: list[str]) -> bool:
     return bool(OmegaConf.select(cfg, when, default=None))
 
 
-def _hub_config(name: str, revision: str | None):
-    """A hub id's config.json in the local hub cache (never downloads), or None."""
+def cached_hub_config(name: str, revision: str | None):
+    """A hub id's config.json in the local hub cache (never downloads), or None (not cached, or not a hub id)."""
     from pathlib import Path
 
-    if not name or name.startswith(("embedded:", "tiny:", "/", ".", "~")) or name.count("/") != 1:
+    if not name or name.startswith(("embedded:", "tiny:", "/", ".", "~")) or name.count("/") > 1:
         return None
     from huggingface_hub import try_to_load_from_cache
 
@@ -212,7 +212,7 @@ def num_layers(cfg: DictConfig) -> int | None:
         return KNOWN_LAYERS[name]
     config = Path(name).expanduser() / "config.json"
     if name and not config.is_file():
-        config = _hub_config(name, OmegaConf.select(cfg, "model.revision", default=None)) or config
+        config = cached_hub_config(name, OmegaConf.select(cfg, "model.revision", default=None)) or config
     if name and config.is_file():
         data = json.loads(config.read_text())
         n = data.get("num_hidden_layers", data.get("text_config", {}).get("num_hidden_layers"))

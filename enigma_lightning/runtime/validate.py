@@ -18,7 +18,7 @@ from ..metrics.names import documented
 from ..models.loading import is_local_path
 from ..step.group import SCALE_REWARDS
 from .allocator import MODES as CPU_MALLOC_MODES
-from .ranges import range_problems
+from .ranges import cached_hub_config, range_problems
 from .sweeps import CONFIG_CHANGE_MODES, RESUME_MODES
 from .targets import target_problems, unknown_key_problems
 
@@ -201,14 +201,7 @@ def hub_problems(cfg: DictConfig) -> list[str]:
         name = str(_get(cfg, key, "") or "")
         if not name or name.startswith(("embedded:", "tiny:")) or is_local_path(name) or name.count("/") > 1:
             continue
-        from huggingface_hub import try_to_load_from_cache
-
-        rev = _get(cfg, key.replace("name_or_path", "revision"))
-        try:
-            cached = try_to_load_from_cache(name, "config.json", revision=rev or None)
-        except Exception:  # not a valid repo id
-            cached = None
-        if not isinstance(cached, str):
+        if cached_hub_config(name, _get(cfg, key.replace("name_or_path", "revision"))) is None:
             out.append(f"{key}={name!r} is a hub id, but HF_HUB_OFFLINE=1 and it is not in the local hub cache. "
                        f"Either point {key} at a local folder holding the model, or allow the network "
                        "(unset HF_HUB_OFFLINE) so it can be downloaded")
