@@ -119,3 +119,28 @@ def sampling(**kwargs):
 def data_module(**kwargs):
     """The data module with the YAML's defaults (conf/data/bundled.yaml) and ``kwargs`` changed."""
     return configured("data", **kwargs)
+
+
+def crash_saving_last(at_step: int = 2):
+    """A callback that, from step ``at_step`` on, makes writing a sharded ``last.ckpt`` fail half-way: some files
+    written, then an error (a full disk, a node lost while saving)."""
+    import lightning as L
+
+    class CrashSavingLast(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step != at_step:
+                return
+            import lightning.pytorch.strategies.model_parallel as mp
+
+            save = mp._distributed_checkpoint_save
+
+            def half_way(state, path):
+                if "last" not in path.name:
+                    return save(state, path)
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "__0_0.distcp").write_bytes(b"half")
+                raise OSError("simulated crash while saving last.ckpt")
+
+            mp._distributed_checkpoint_save = half_way
+
+    return CrashSavingLast()

@@ -98,6 +98,32 @@ def test_fsdp_two_processes_equal_one_process_export_and_resume(tmp_path, tiny_d
     assert all(torch.equal(wd[k], wb[k]) for k in wb)
 
 
+def test_a_crash_while_saving_a_sharded_checkpoint_leaves_the_previous_one(tmp_path):
+    """last.ckpt (a DCP folder, rewritten every step here) breaks half-way through its step-2 rewrite: the step-1
+    last.ckpt stays whole, the crash's interrupted.ckpt is written, and the same command again resumes from it and
+    finishes (step 3)."""
+    out = tmp_path / "run"
+    common = [a for a in COMMON if not a.startswith("trainer.max_steps=")]
+    args = [*common, "trainer.max_steps=3", "trainer=fsdp_cpu", "data.batch_size=8", "callbacks.checkpoint.save_top_k=0",
+            "+callbacks.crash._target_=helpers.crash_saving_last", "+callbacks.crash.at_step=2",
+            "allowed_targets=[helpers]", f"hydra.run.dir={out}"]
+    r = run_cli("enigma_lightning.train", *args)
+    assert r.returncode != 0 and "simulated crash while saving last.ckpt" in r.stderr, r.stderr[-3000:]
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 1  # step 1's, whole
+    assert (last / "__0_0.distcp").read_bytes() != b"half"
+    assert torch.load(out / "checkpoints" / "interrupted.ckpt" / "meta.pt", weights_only=False)["global_step"] == 2
+    from enigma_lightning.runtime.sweeps import resume_checkpoint
+
+    assert resume_checkpoint(out).endswith("interrupted.ckpt")
+    r = run_cli("enigma_lightning.train", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["global_step"] == 3
+    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 3
+    assert not list((out / "checkpoints").glob(".*.partial")) and not list((out / "checkpoints").glob(".*.previous"))
+
+
 @pytest.mark.slow
 def test_fsdp_lora_equals_one_process(tmp_path):
     from safetensors.torch import load_file

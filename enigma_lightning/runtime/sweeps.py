@@ -103,8 +103,13 @@ def previous_outcome(out: Path) -> str | None:
 
 
 def resume_checkpoint(out: Path) -> str | None:
-    """The newer of ``checkpoints/interrupted.ckpt`` and ``checkpoints/last.ckpt`` in a job folder, if any."""
-    found = [p for p in (out / "checkpoints" / "interrupted.ckpt", out / "checkpoints" / "last.ckpt") if p.exists()]
+    """The newer of ``checkpoints/interrupted.ckpt`` and ``checkpoints/last.ckpt`` in a job folder, if any (a sharded
+    one caught between its two renames is found as ``.<name>.previous``: :mod:`.strategies`)."""
+    found = []
+    for p in (out / "checkpoints" / "interrupted.ckpt", out / "checkpoints" / "last.ckpt"):
+        aside = p.with_name(f".{p.name}.previous")
+        if p.exists() or aside.exists():
+            found.append(p if p.exists() else aside)
     return str(max(found, key=lambda p: p.stat().st_mtime).resolve()) if found else None
 
 
