@@ -30,7 +30,7 @@ TABLE: list[tuple[str, str]] = [
     ("train/ot/divergence", "debiased Sinkhorn divergence between policy and reference hidden states (mean over "
      "`ot.layers`)"),
     ("train/ot/divergence/layer_<i>", "the same per layer, when `ot.layers` has several"),
-    ("train/ot/points", "points per cloud after subsampling"),
+    ("train/ot/points", "points per cloud after subsampling (the global batch's cloud on several ranks)"),
     ("train/ot/degenerate", "1 when no completion token was left to compare"),
     ("train/reward/mean", "total (weighted) reward over the step's completions"),
     ("train/reward/std", "its standard deviation (unscorable completions ignored)"),
