@@ -1,7 +1,8 @@
 """FSDP2 (trainer=fsdp_cpu: two CPU processes, gloo) against the one-process run on the same global batch, in float64:
 the same sampled completions, losses and gradient norms; the exported policy/ loads with from_pretrained and equals
 the unsharded one; a run resumed from a sharded (DCP) checkpoint, or stopped by SIGTERM and started again, equals
-the uninterrupted one; loss=full (OT's cloud gathered over ranks) under DDP and FSDP; LoRA under FSDP (slow)."""
+the uninterrupted one; a crash while saving a sharded checkpoint leaves the previous one whole; loss=full (OT's cloud
+gathered over ranks) under DDP and FSDP; LoRA under FSDP (slow)."""
 
 import csv
 import json
