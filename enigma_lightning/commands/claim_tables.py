@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics.names import metric
+from .report import fmt_cell
 
 REWARD, FORMAT = metric("train/reward/mean"), metric("train/format/strict_rate")
 KL, OT = metric("train/grpo/kl"), metric("train/ot/divergence")
@@ -49,14 +50,6 @@ def _si_cells(row: dict | None) -> dict[str, Any]:
 
 
 # --- outputs ------------------------------------------------------------------------------------------------------
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
 
 def _cell(row: dict, q: str) -> str:
@@ -139,7 +132,8 @@ def write_md(sweep: Path, all_jobs: list[dict], rows: list[dict], rho: list[dict
     extra = [c for c in ("null_si", "p_value", "separated") if any(r.get(c) is not None for r in set_rows)]
     lines += [f"From `{si_where}`." if si_where else "", "",
               "| set | SI [95% CI] |" + "".join(f" {c} |" for c in extra), "|---|---|" + "---|" * len(extra)]
-    lines += [f"| {r['set']} | {_si_text(r)} |" + "".join(f" {_fmt(r.get(c))} |" for c in extra) for r in set_rows]
+    lines += [f"| {r['set']} | {_si_text(r)} |" + "".join(f" {fmt_cell(r.get(c), 3)} |" for c in extra)
+              for r in set_rows]
     unseparated = [r["set"] for r in set_rows if r.get("separated") is False]
     if unseparated:
         lines += ["", f"Not separated from the null (their SI could be noise): {', '.join(unseparated)}."]
@@ -150,7 +144,7 @@ def write_md(sweep: Path, all_jobs: list[dict], rows: list[dict], rho: list[dict
               "|---|---|---|---|" + "---|" * len(shown)]
     for r in rows:
         seeds_cell = str(r["seeds"]) if _is_gain(r["loss"]) else f"{r['seeds']}/{r['jobs']}"
-        lines.append(f"| {r['set']} | {_fmt(r['si'], 4)} | {r['loss']} | {seeds_cell} |"
+        lines.append(f"| {r['set']} | {fmt_cell(r['si'])} | {r['loss']} | {seeds_cell} |"
                      + "".join(f" {_cell(r, q)} |" for q in shown))
     lines += ["", "## Rank correlation of SI with each quantity", "",
               "Spearman's rho across sets (per-set means); 95% interval: seeds resampled within each set. The claim "
@@ -162,7 +156,7 @@ def write_md(sweep: Path, all_jobs: list[dict], rows: list[dict], rho: list[dict
         lines.append(f"| {c['arm']} | {QUANTITIES[c['quantity']][0]} | {c['sets']} | "
                      f"{'-' if c['rho'] is None else format(c['rho'], '+.2f')} | {interval} | "
                      f"{'rho > 0' if c['expected'] == 'positive' else 'rho < 0'} | "
-                     f"{_fmt(c['direction_held'])} | {_fmt(c['excludes_zero'])} |")
+                     f"{fmt_cell(c['direction_held'])} | {fmt_cell(c['excludes_zero'])} |")
     lines += ["", *[f"- {c['note']}" for c in rho]]
     if not rho:
         lines += ["No correlation: no set has both SI and results."]

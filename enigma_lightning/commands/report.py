@@ -123,10 +123,13 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(v: Any) -> str:
+def fmt_cell(v: Any, digits: int = 4) -> str:
+    """A markdown table cell: ``-`` for missing or NaN, ``yes``/``no``, floats to ``digits`` significant digits."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
 
 def write_tables(rows: list[dict], out: Path, swept: list[str]) -> str:
@@ -140,7 +143,7 @@ def write_tables(rows: list[dict], out: Path, swept: list[str]) -> str:
         w.writerows(rows)
     show = [c for c in cols if c != "error"]
     lines = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in show) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt_cell(r.get(c)) for c in show) + " |" for r in rows]
     failed = [r for r in rows if r["status"] != "finished"]
     if failed:
         lines += ["", "Jobs that did not finish:", ""]

@@ -156,6 +156,16 @@ class LossTerm(nn.Module):
         raise NotImplementedError
 
 
+def layer_exists(layer: int, num_layers: int) -> bool:
+    """Index ``layer`` into ``hidden_states`` (the embeddings, then one per decoder layer) of a model with
+    ``num_layers`` decoder layers."""
+    return -(num_layers + 1) <= layer <= num_layers
+
+
+def hidden_states_text(num_layers: int) -> str:
+    return f"{num_layers + 1} hidden states (0 = embeddings .. {num_layers}, or -{num_layers + 1} .. -1)"
+
+
 def check_layers(terms: dict[str, LossTerm], config, model: str) -> None:
     """Every hidden-state layer a term asks for exists in the loaded policy (``config``: its transformers config);
     otherwise a ValueError naming the term's settings and the range. Runs once the policy is loaded, for models
@@ -166,8 +176,8 @@ def check_layers(terms: dict[str, LossTerm], config, model: str) -> None:
         return
     for name, term in terms.items():
         needs = term.needs()
-        bad = sorted({x for x in (*needs.hidden_layers, *needs.reference_hidden_layers) if not -(n + 1) <= x <= n})
+        bad = sorted({x for x in (*needs.hidden_layers, *needs.reference_hidden_layers) if not layer_exists(x, n)})
         if bad:
             raise ValueError(f"{name}.* asks for hidden-state layers {bad}, which {model} does not have: it has "
-                             f"{n + 1} hidden states (0 = embeddings .. {n}, or -{n + 1} .. -1). Set {name}'s layer "
-                             "setting within that range (-1 = the last layer)")
+                             f"{hidden_states_text(n)}. Set {name}'s layer setting within that range (-1 = the last "
+                             "layer)")

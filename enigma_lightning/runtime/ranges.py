@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..losses.base import hidden_states_text, layer_exists
 from ..losses.ot import NORMALIZATIONS, POOLINGS
 
 _MISSING = object()
@@ -232,10 +233,9 @@ def layer_problems(cfg: DictConfig, terms: list[str]) -> list[str]:
             out.append(f"ot.layers must be a non-empty list of hidden-state layers; got {v!r}. Set ot.layers=[-1]")
             continue
         bad = [x for x in layers if not isinstance(x, int) or isinstance(x, bool)
-               or (n is not None and not -(n + 1) <= x <= n)]
+               or (n is not None and not layer_exists(x, n))]
         if bad:
-            span = f": the policy has {n + 1} hidden states (0 = embeddings .. {n}, or -{n + 1} .. -1)" if n else \
-                " (integers)"
+            span = f": the policy has {hidden_states_text(n)}" if n else " (integers)"
             fix = "[-1]" if key == "ot.layers" else "-1"
             out.append(f"{key}={v} names layers {bad} that do not exist{span}. Set {key}={fix}")
     return out
